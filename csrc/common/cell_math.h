@@ -1,0 +1,100 @@
+// LSTM gate math, written once for host and device.
+//
+// Every function here is a template over the value type `V`: the CUDA kernels instantiate it with a
+// scalar (float, or double for float64; half types compute in float), the CPU pass with a SIMD vector
+// (at::vec::Vectorized<T>) and with the plain scalar for the tail of each row. So the CPU tests run
+// the exact arithmetic the GPU runs. This header includes no torch headers on purpose: kernel files
+// that include it stay cheap to compile.
+//
+// Gate order is i, f, g, o, exactly as torch.nn.LSTM. One "unit" is one (n, j) pair, n < N, j < H.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LSTM_HOST_DEVICE __host__ __device__
+#else
+#define LSTM_HOST_DEVICE
+#endif
+
+namespace lstm_ext {
+// Internal linkage on purpose: the CPU pass compiles these templates once per instruction set (see
+// cpu/lstm_pointwise_impl.h). With external linkage the linker would keep one copy of, say, the
+// scalar instantiation, possibly the AVX2-compiled one, and run it on a CPU without AVX2.
+namespace {
+
+// The transcendental functions for a value type. The primary template serves scalars; the CPU pass
+// specializes it for SIMD vectors. A traits struct (rather than free overloads) lets the
+// specialization live in the CPU file, after this header, and still be found by the templates below.
+template <typename V>
+struct Activations {
+  static LSTM_HOST_DEVICE inline V sigmoid(V x) {
+    // std:: overloads keep float64 in double precision (no float-only intrinsics such as expf).
+    return V(1) / (V(1) + std::exp(-x));
+  }
+  static LSTM_HOST_DEVICE inline V tanh(V x) { return std::tanh(x); }
+};
+
+// Pre-activations of one unit's four gates, as produced by the GEMMs (biases already added).
+template <typename V>
+struct GatePreActivations {
+  V i, f, g, o;
+};
+
+// Activated gates of one unit: what training saves for backward.
+template <typename V>
+struct GateActivations {
+  V i, f, g, o;
+};
+
+template <typename V>
+struct CellForwardResult {
+  GateActivations<V> gates;
+  V c;  // c_t
+  V h;  // h_t
+};
+
+// c_t = f * c_{t-1} + i * g;  h_t = o * tanh(c_t).
+template <typename V>
+LSTM_HOST_DEVICE inline CellForwardResult<V> lstm_cell_forward_unit(const GatePreActivations<V>& pre,
+                                                                    V c_prev) {
+  using Act = Activations<V>;
+  CellForwardResult<V> r;
+  r.gates.i = Act::sigmoid(pre.i);
+  r.gates.f = Act::sigmoid(pre.f);
+  r.gates.g = Act::tanh(pre.g);
+  r.gates.o = Act::sigmoid(pre.o);
+  r.c = r.gates.f * c_prev + r.gates.i * r.gates.g;
+  r.h = r.gates.o * Act::tanh(r.c);
+  return r;
+}
+
+// Gradients of the gate pre-activations of one unit, and of c_{t-1}.
+template <typename V>
+struct CellBackwardResult {
+  V d_i, d_f, d_g, d_o;  // d loss / d pre-activation
+  V d_c_prev;
+};
+
+// The mirror of lstm_cell_forward_unit. Derivatives come from the saved outputs
+// (σ' = y(1 − y), tanh' = 1 − y²), so nothing but tanh(c_t) is recomputed.
+//   d_h: total gradient reaching h_t (from the output and from step t+1's recurrent GEMM)
+//   d_c: gradient reaching c_t from step t+1
+template <typename V>
+LSTM_HOST_DEVICE inline CellBackwardResult<V> lstm_cell_backward_unit(const GateActivations<V>& a,
+                                                                      V c, V c_prev, V d_h, V d_c) {
+  using Act = Activations<V>;
+  const V one(1);
+  const V tanh_c = Act::tanh(c);
+  const V d_c_total = d_c + d_h * a.o * (one - tanh_c * tanh_c);
+  CellBackwardResult<V> r;
+  r.d_o = d_h * tanh_c * a.o * (one - a.o);
+  r.d_i = d_c_total * a.g * a.i * (one - a.i);
+  r.d_g = d_c_total * a.i * (one - a.g * a.g);
+  r.d_f = d_c_total * c_prev * a.f * (one - a.f);
+  r.d_c_prev = d_c_total * a.f;
+  return r;
+}
+
+}  // namespace
+}  // namespace lstm_ext

@@ -1,0 +1,258 @@
+#include "lstm_sequence.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+
+#include <vector>
+
+namespace lstm_ext {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Input checks, once, at the op boundary. Messages name the tensor and the shapes involved.
+
+void check_same_device_and_dtype(const char* op, const at::Tensor& reference, const char* ref_name,
+                                 const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == reference.device(), op, ": ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", reference.device(), "; all tensors must be on one device");
+  TORCH_CHECK(t.scalar_type() == reference.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has dtype ", reference.scalar_type(),
+              "; all tensors must have one dtype");
+}
+
+void check_shape(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef expected,
+                 const char* expected_text) {
+  TORCH_CHECK(t.sizes() == expected, op, ": expected ", name, " of shape ", expected_text, " = ",
+              expected, ", got ", t.sizes());
+}
+
+// Checks the weights and biases against input features C; returns H.
+int64_t check_weights(const char* op, const at::Tensor& input, int64_t input_features,
+                      const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
+              ": expected a floating-point input, got dtype ", input.scalar_type());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * w_hh.size(1), op,
+              ": expected w_hh of shape [4H, H], got ", w_hh.sizes());
+  const int64_t hidden = w_hh.size(1);
+  check_shape(op, w_ih, "w_ih", {4 * hidden, input_features}, "[4H, C]");
+  check_same_device_and_dtype(op, input, "input", w_ih, "w_ih");
+  check_same_device_and_dtype(op, input, "input", w_hh, "w_hh");
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), op,
+              ": b_ih and b_hh must be given together or both omitted");
+  if (b_ih.has_value()) {
+    check_shape(op, *b_ih, "b_ih", {4 * hidden}, "[4H]");
+    check_shape(op, *b_hh, "b_hh", {4 * hidden}, "[4H]");
+    check_same_device_and_dtype(op, input, "input", *b_ih, "b_ih");
+    check_same_device_and_dtype(op, input, "input", *b_hh, "b_hh");
+  }
+  return hidden;
+}
+
+void check_state(const char* op, const at::Tensor& input, const at::Tensor& state,
+                 const char* name, int64_t batch, int64_t hidden) {
+  check_shape(op, state, name, {batch, hidden}, "[N, H]");
+  check_same_device_and_dtype(op, input, "input", state, name);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The time loop.
+
+// Index of the k-th processed step: the recurrence runs forward in time, or backward for `reverse`.
+int64_t step_time(int64_t k, int64_t steps, bool reverse) { return reverse ? steps - 1 - k : k; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_unchecked(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
+    const PointwiseKernels& kernels) {
+  const int64_t steps = input.size(0), batch = input.size(1), features = input.size(2);
+  const int64_t hidden = w_hh.size(1);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w_hh_t = w_hh.t();
+
+  // Input projection of all timesteps in one GEMM, with both biases folded in: [T*N, C] x [C, 4H].
+  // The per-step recurrent GEMM then accumulates into this buffer in place, and the pointwise pass
+  // overwrites it with the activated gates when training, so it doubles as the saved gates.
+  at::Tensor gates = at::empty({steps, batch, 4 * hidden}, x.options());
+  at::Tensor gates_2d = gates.view({steps * batch, 4 * hidden});
+  const at::Tensor x_2d = x.view({steps * batch, features});
+  if (b_ih.has_value()) {
+    at::addmm_out(gates_2d, *b_ih + *b_hh, x_2d, w_ih.t());
+  } else {
+    at::mm_out(gates_2d, x_2d, w_ih.t());
+  }
+
+  at::Tensor output = at::empty({steps, batch, hidden}, x.options());
+  at::Tensor cells = training ? at::empty({steps, batch, hidden}, x.options()) : at::empty({0}, x.options());
+  // Inference keeps only the running cell state, updated in place.
+  at::Tensor c_n = at::empty({batch, hidden}, x.options());
+
+  const std::vector<at::Tensor> gates_t = gates.unbind(0);
+  const std::vector<at::Tensor> output_t = output.unbind(0);
+  at::Tensor h_prev = h0.contiguous();
+  at::Tensor c_prev = c0.contiguous();
+  for (const auto k : c10::irange(steps)) {
+    const int64_t t = step_time(k, steps, reverse);
+    gates_t[t].addmm_(h_prev, w_hh_t);
+    at::Tensor c_t = training ? cells[t] : c_n;
+    if (batch > 0) {
+      ForwardStepArgs args{gates_t[t].data_ptr(), c_prev.const_data_ptr(), c_t.data_ptr(),
+                           output_t[t].data_ptr(), batch, hidden, training};
+      kernels.forward_step(args, x.scalar_type());
+    }
+    h_prev = output_t[t];
+    c_prev = c_t;
+  }
+  at::Tensor h_n = h_prev.clone();
+  if (training) {
+    c_n.copy_(c_prev);
+    return {output, h_n, c_n, gates, cells};
+  }
+  return {output, h_n, c_n, at::empty({0}, x.options()), cells};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_backward_unchecked(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                        const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& h0,
+                        const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const at::Tensor& output, const at::Tensor& saved_gates,
+                        const at::Tensor& saved_cells, bool reverse,
+                        const PointwiseKernels& kernels) {
+  const int64_t steps = input.size(0), batch = input.size(1), features = input.size(2);
+  const int64_t hidden = w_hh.size(1);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor d_out = grad_output.contiguous();
+  const at::Tensor gates = saved_gates.contiguous();
+  const at::Tensor cells = saved_cells.contiguous();
+  const at::Tensor w_hh_c = w_hh.contiguous();
+
+  at::Tensor d_gates = at::empty({steps, batch, 4 * hidden}, x.options());
+  // d_h_recurrent starts as grad_h_n and is then overwritten each step by d_gates[t] W_hh; after the
+  // last step it is grad_h0. d_c is updated in place by the pointwise pass and ends as grad_c0.
+  at::Tensor d_h_recurrent = grad_h_n.contiguous().clone();
+  at::Tensor d_c = grad_c_n.contiguous().clone();
+
+  const at::Tensor c0_c = c0.contiguous();
+  // Backward visits the steps in the opposite order of the forward recurrence.
+  for (const auto k : c10::irange(steps)) {
+    const int64_t t = step_time(steps - 1 - k, steps, reverse);
+    const bool first_forward_step = t == step_time(0, steps, reverse);
+    const at::Tensor c_prev = first_forward_step ? c0_c : cells[reverse ? t + 1 : t - 1];
+    at::Tensor d_gates_t = d_gates[t];
+    if (batch > 0) {
+      BackwardStepArgs args{gates[t].const_data_ptr(),     cells[t].const_data_ptr(),
+                            c_prev.const_data_ptr(),       d_out[t].const_data_ptr(),
+                            d_h_recurrent.const_data_ptr(), d_c.data_ptr(),
+                            d_gates_t.data_ptr(),          batch,
+                            hidden};
+      kernels.backward_step(args, x.scalar_type());
+    }
+    at::mm_out(d_h_recurrent, d_gates_t, w_hh_c);
+  }
+
+  // Weight and input gradients as large GEMMs over all timesteps.
+  const at::Tensor d_gates_2d = d_gates.view({steps * batch, 4 * hidden});
+  at::Tensor grad_input = at::mm(d_gates_2d, w_ih).view({steps, batch, features});
+  at::Tensor grad_w_ih = at::mm(d_gates_2d.t(), x.view({steps * batch, features}));
+  // h_{t-1} of the first forward step is h0; of every other step, the output of its predecessor.
+  const int64_t first_t = step_time(0, steps, reverse);
+  at::Tensor grad_w_hh = at::mm(d_gates[first_t].t(), h0);
+  if (steps > 1) {
+    const at::Tensor out = output.contiguous();
+    const at::Tensor later_d_gates = reverse ? d_gates.narrow(0, 0, steps - 1) : d_gates.narrow(0, 1, steps - 1);
+    const at::Tensor their_h_prev = reverse ? out.narrow(0, 1, steps - 1) : out.narrow(0, 0, steps - 1);
+    grad_w_hh.addmm_(later_d_gates.reshape({(steps - 1) * batch, 4 * hidden}).t(),
+                     their_h_prev.reshape({(steps - 1) * batch, hidden}));
+  }
+  at::Tensor grad_bias = d_gates_2d.sum(0);
+  return {grad_input, d_h_recurrent, d_c, grad_w_ih, grad_w_hh, grad_bias};
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Op entry points: check, then run.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
+    const PointwiseKernels& kernels) {
+  constexpr const char* op = "lstm_ext::lstm_forward";
+  TORCH_CHECK(input.dim() == 3, op, ": expected input of shape [T, N, C], got ", input.sizes());
+  TORCH_CHECK(input.size(0) > 0, op, ": expected sequence length T > 0, got input of shape ",
+              input.sizes());
+  const int64_t hidden = check_weights(op, input, input.size(2), w_ih, w_hh, b_ih, b_hh);
+  check_state(op, input, h0, "h0", input.size(1), hidden);
+  check_state(op, input, c0, "c0", input.size(1), hidden);
+  return lstm_forward_unchecked(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, kernels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& saved_gates,
+    const at::Tensor& saved_cells, bool reverse, const PointwiseKernels& kernels) {
+  constexpr const char* op = "lstm_ext::_lstm_backward";
+  TORCH_CHECK(input.dim() == 3 && input.size(0) > 0, op,
+              ": expected input of shape [T, N, C] with T > 0, got ", input.sizes());
+  const int64_t steps = input.size(0), batch = input.size(1);
+  const int64_t hidden = check_weights(op, input, input.size(2), w_ih, w_hh, std::nullopt, std::nullopt);
+  TORCH_CHECK(saved_gates.numel() > 0 || batch == 0, op,
+              ": the forward pass was run with training=False, so nothing was saved for backward");
+  check_state(op, input, h0, "h0", batch, hidden);
+  check_state(op, input, c0, "c0", batch, hidden);
+  check_state(op, input, grad_h_n, "grad_h_n", batch, hidden);
+  check_state(op, input, grad_c_n, "grad_c_n", batch, hidden);
+  check_shape(op, grad_output, "grad_output", {steps, batch, hidden}, "[T, N, H]");
+  check_shape(op, output, "output", {steps, batch, hidden}, "[T, N, H]");
+  check_shape(op, saved_gates, "saved_gates", {steps, batch, 4 * hidden}, "[T, N, 4H]");
+  check_shape(op, saved_cells, "saved_cells", {steps, batch, hidden}, "[T, N, H]");
+  check_same_device_and_dtype(op, input, "input", grad_output, "grad_output");
+  check_same_device_and_dtype(op, input, "input", output, "output");
+  check_same_device_and_dtype(op, input, "input", saved_gates, "saved_gates");
+  check_same_device_and_dtype(op, input, "input", saved_cells, "saved_cells");
+  return lstm_backward_unchecked(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output,
+                                 saved_gates, saved_cells, reverse, kernels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, bool training, const PointwiseKernels& kernels) {
+  constexpr const char* op = "lstm_ext::lstm_cell_forward";
+  TORCH_CHECK(input.dim() == 2, op, ": expected input of shape [N, C], got ", input.sizes());
+  const int64_t hidden = check_weights(op, input, input.size(1), w_ih, w_hh, b_ih, b_hh);
+  check_state(op, input, hx, "hx", input.size(0), hidden);
+  check_state(op, input, cx, "cx", input.size(0), hidden);
+  // A single step is a sequence of length 1: the same GEMMs and the same pointwise pass.
+  auto [output, h, c, saved_gates, saved_cells] = lstm_forward_unchecked(
+      input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh, /*reverse=*/false, training, kernels);
+  return {h, c, training ? saved_gates.squeeze(0) : saved_gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_cell_backward(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& input,
+                   const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+                   const at::Tensor& w_hh, const at::Tensor& c, const at::Tensor& saved_gates,
+                   const PointwiseKernels& kernels) {
+  constexpr const char* op = "lstm_ext::_lstm_cell_backward";
+  TORCH_CHECK(input.dim() == 2, op, ": expected input of shape [N, C], got ", input.sizes());
+  const int64_t batch = input.size(0);
+  const int64_t hidden = check_weights(op, input, input.size(1), w_ih, w_hh, std::nullopt, std::nullopt);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{hx, "hx"},
+                                {cx, "cx"}, {grad_h, "grad_h"}, {grad_c, "grad_c"}, {c, "c"}}) {
+    check_state(op, input, t, name, batch, hidden);
+  }
+  check_shape(op, saved_gates, "saved_gates", {batch, 4 * hidden}, "[N, 4H]");
+  check_same_device_and_dtype(op, input, "input", saved_gates, "saved_gates");
+  // With T = 1 the incoming h gradient can enter as grad_h_n; output[0] gets a zero gradient, and
+  // `output` is never read (it only supplies h_{t-1} for steps after the first).
+  const at::Tensor zero_grad_output = at::zeros({1, batch, hidden}, input.options());
+  return lstm_backward_unchecked(zero_grad_output, grad_h, grad_c, input.unsqueeze(0), hx, cx, w_ih,
+                                 w_hh, /*output=*/at::Tensor(), saved_gates.unsqueeze(0),
+                                 c.unsqueeze(0), /*reverse=*/false, kernels);
+}
+
+}  // namespace lstm_ext

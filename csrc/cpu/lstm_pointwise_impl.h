@@ -1,0 +1,148 @@
+// The CPU pointwise passes, compiled once per instruction set.
+//
+// Included by lstm_pointwise_avx2.cpp (AVX2 + FMA) and lstm_pointwise_default.cpp (baseline x86-64
+// or any other architecture). Each includer defines CPU_CAPABILITY (and CPU_CAPABILITY_AVX2) before
+// including this file, so at::vec::Vectorized picks the matching implementation, and the functions
+// below land in the namespace lstm_ext::cpu::<CPU_CAPABILITY>; lstm_ops.cpp picks one at run time.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "../common/cell_math.h"
+#include "../common/lstm_sequence.h"
+
+namespace lstm_ext {
+namespace {  // the namespace of cell_math.h's Activations
+
+// SIMD versions of the activations: Sleef's vectorized exp/tanh (1-ulp accuracy) via at::vec.
+template <typename T>
+struct Activations<at::vec::Vectorized<T>> {
+  using Vec = at::vec::Vectorized<T>;
+  static inline Vec sigmoid(Vec x) { return Vec(T(1)) / (Vec(T(1)) + x.neg().exp()); }
+  static inline Vec tanh(Vec x) { return x.tanh(); }
+};
+
+}  // namespace
+
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+// Rows per parallel task: enough units (one unit = one (n, j) pair, a few transcendentals) that a
+// task outweighs the cost of handing it to a thread, so small batches stay on one thread.
+inline int64_t rows_per_task(int64_t hidden) {
+  constexpr int64_t kUnitsPerTask = 8192;
+  return std::max<int64_t>(1, kUnitsPerTask / std::max<int64_t>(hidden, 1));
+}
+
+// Loads, computes and stores one run of units of one row: `V` is a SIMD vector for the body of the
+// row and the scalar type for its tail, so both go through the same lstm_cell_forward_unit.
+template <typename scalar_t, bool kTraining, typename V, typename Load, typename Store>
+inline void forward_units(scalar_t* gates, const scalar_t* c_prev, scalar_t* c, scalar_t* h,
+                          int64_t hidden, int64_t j, Load load, Store store) {
+  const GatePreActivations<V> pre{load(gates + j), load(gates + hidden + j),
+                                  load(gates + 2 * hidden + j), load(gates + 3 * hidden + j)};
+  const CellForwardResult<V> r = lstm_cell_forward_unit(pre, load(c_prev + j));
+  store(c + j, r.c);
+  store(h + j, r.h);
+  if constexpr (kTraining) {
+    store(gates + j, r.gates.i);
+    store(gates + hidden + j, r.gates.f);
+    store(gates + 2 * hidden + j, r.gates.g);
+    store(gates + 3 * hidden + j, r.gates.o);
+  }
+}
+
+template <typename scalar_t, bool kTraining>
+void forward_step_typed(const ForwardStepArgs& a) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t kWidth = Vec::size();
+  const int64_t hidden = a.hidden;
+  auto* gates_base = static_cast<scalar_t*>(a.gates);
+  const auto* c_prev_base = static_cast<const scalar_t*>(a.c_prev);
+  auto* c_base = static_cast<scalar_t*>(a.c);
+  auto* h_base = static_cast<scalar_t*>(a.h);
+  const auto vec_load = [](const scalar_t* p) { return Vec::loadu(p); };
+  const auto vec_store = [](scalar_t* p, Vec v) { v.store(p); };
+  const auto scalar_load = [](const scalar_t* p) { return *p; };
+  const auto scalar_store = [](scalar_t* p, scalar_t v) { *p = v; };
+  at::parallel_for(0, a.batch, rows_per_task(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      scalar_t* gates = gates_base + n * 4 * hidden;
+      const scalar_t* c_prev = c_prev_base + n * hidden;
+      scalar_t* c = c_base + n * hidden;
+      scalar_t* h = h_base + n * hidden;
+      int64_t j = 0;
+      for (; j + kWidth <= hidden; j += kWidth) {
+        forward_units<scalar_t, kTraining, Vec>(gates, c_prev, c, h, hidden, j, vec_load, vec_store);
+      }
+      for (; j < hidden; ++j) {
+        forward_units<scalar_t, kTraining, scalar_t>(gates, c_prev, c, h, hidden, j, scalar_load,
+                                                     scalar_store);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename V, typename Load, typename Store>
+inline void backward_units(const BackwardStepArgs& a, int64_t n, int64_t j, Load load, Store store) {
+  const int64_t hidden = a.hidden;
+  const auto* gates = static_cast<const scalar_t*>(a.gates) + n * 4 * hidden;
+  const int64_t row = n * hidden + j;
+  const GateActivations<V> act{load(gates + j), load(gates + hidden + j),
+                               load(gates + 2 * hidden + j), load(gates + 3 * hidden + j)};
+  const V d_h = load(static_cast<const scalar_t*>(a.d_h_output) + row) +
+                load(static_cast<const scalar_t*>(a.d_h_recurrent) + row);
+  auto* d_c = static_cast<scalar_t*>(a.d_c) + row;
+  const CellBackwardResult<V> r =
+      lstm_cell_backward_unit(act, load(static_cast<const scalar_t*>(a.c) + row),
+                              load(static_cast<const scalar_t*>(a.c_prev) + row), d_h, load(d_c));
+  auto* d_gates = static_cast<scalar_t*>(a.d_gates) + n * 4 * hidden;
+  store(d_gates + j, r.d_i);
+  store(d_gates + hidden + j, r.d_f);
+  store(d_gates + 2 * hidden + j, r.d_g);
+  store(d_gates + 3 * hidden + j, r.d_o);
+  store(d_c, r.d_c_prev);
+}
+
+template <typename scalar_t>
+void backward_step_typed(const BackwardStepArgs& a) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t kWidth = Vec::size();
+  const int64_t hidden = a.hidden;
+  const auto vec_load = [](const scalar_t* p) { return Vec::loadu(p); };
+  const auto vec_store = [](scalar_t* p, Vec v) { v.store(p); };
+  const auto scalar_load = [](const scalar_t* p) { return *p; };
+  const auto scalar_store = [](scalar_t* p, scalar_t v) { *p = v; };
+  at::parallel_for(0, a.batch, rows_per_task(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      int64_t j = 0;
+      for (; j + kWidth <= hidden; j += kWidth) {
+        backward_units<scalar_t, Vec>(a, n, j, vec_load, vec_store);
+      }
+      for (; j < hidden; ++j) {
+        backward_units<scalar_t, scalar_t>(a, n, j, scalar_load, scalar_store);
+      }
+    }
+  });
+}
+
+inline void forward_step(const ForwardStepArgs& args, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_ext_cpu_forward_step", [&] {
+    if (args.training) {
+      forward_step_typed<scalar_t, true>(args);
+    } else {
+      forward_step_typed<scalar_t, false>(args);
+    }
+  });
+}
+
+inline void backward_step(const BackwardStepArgs& args, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_ext_cpu_backward_step",
+                             [&] { backward_step_typed<scalar_t>(args); });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace lstm_ext

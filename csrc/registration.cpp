@@ -1,0 +1,32 @@
+// The one registration site of the lstm_ext operator schemas. Kernels are registered per device at
+// the end of cpu/lstm_ops.cpp and cuda/lstm_ops.cpp; fake (meta) kernels and autograd formulas in
+// lstm_ext/ops.py.
+//
+// Shapes: T time, N batch, C input size, H hidden size. Forward ops take the weights as
+// torch.nn.LSTM stores them: w_ih [4H, C], w_hh [4H, H], b_ih/b_hh [4H].
+#include <torch/library.h>
+
+TORCH_LIBRARY(lstm_ext, m) {
+  // One layer, one direction, the whole sequence: input [T, N, C], h0/c0 [N, H] ->
+  // output [T, N, H], h_n [N, H], c_n [N, H], and what backward needs when training
+  // (activated gates [T, N, 4H], cell states [T, N, H]; empty otherwise).
+  m.def(
+      "lstm_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, bool reverse, bool training) -> (Tensor output, Tensor h_n, Tensor c_n, "
+      "Tensor saved_gates, Tensor saved_cells)");
+  // Gradients of lstm_forward; grad_bias [4H] is the gradient of b_ih and of b_hh.
+  m.def(
+      "_lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+      "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor output, Tensor saved_gates, "
+      "Tensor saved_cells, bool reverse) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+  // One step, as torch.nn.LSTMCell: input [N, C], hx/cx [N, H] -> h [N, H], c [N, H], and the
+  // activated gates [N, 4H] when training (empty otherwise).
+  m.def(
+      "lstm_cell_forward(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, bool training) -> (Tensor h, Tensor c, Tensor saved_gates)");
+  m.def(
+      "_lstm_cell_backward(Tensor grad_h, Tensor grad_c, Tensor input, Tensor hx, Tensor cx, "
+      "Tensor w_ih, Tensor w_hh, Tensor c, Tensor saved_gates) -> (Tensor grad_input, "
+      "Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+}

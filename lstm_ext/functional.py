@@ -1,0 +1,181 @@
+"""Functional LSTM on lstm_ext's fused operators: layers x directions, dropout between layers.
+
+:func:`lstm` takes the arguments of ``torch._VF.lstm`` (what ``torch.nn.LSTM.forward`` calls), and
+:func:`lstm_cell` those of ``torch._VF.lstm_cell``, so the modules are thin. Both answer the mistakes
+that the ATen LSTM checks catch with ATen's exception types and messages.
+
+Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``L`` layers, ``D`` directions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lstm_ext import ops
+
+__all__ = ["lstm", "lstm_cell"]
+
+# How ATen names dtypes in its messages ("mat1 and mat2 must have the same dtype, but got Double
+# and Float").
+_ATEN_DTYPE_NAMES = {
+    torch.float64: "Double",
+    torch.float32: "Float",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
+def _aten_dtype_name(dtype: torch.dtype) -> str:
+    return _ATEN_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _check_matmul_dtype(lhs: Tensor, weight: Tensor) -> None:
+    """The error torch.nn.LSTM's GEMM raises when a state's dtype differs from the weights'."""
+    if lhs.dtype != weight.dtype:
+        raise RuntimeError(
+            "mat1 and mat2 must have the same dtype, but got "
+            f"{_aten_dtype_name(lhs.dtype)} and {_aten_dtype_name(weight.dtype)}"
+        )
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def lstm(
+    input: Tensor,
+    hx: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A stacked, optionally bidirectional LSTM running the fused ``lstm_ext::lstm_forward`` op.
+
+    Args:
+        input: ``[T, N, C]``, or ``[N, T, C]`` if batch_first.
+        hx: (h0, c0), each ``[L*D, N, H]``.
+        weights: ``torch.nn.LSTM``'s flat weight list (``_flat_weights``): per layer, per
+            direction, w_ih ``[4H, C_l]``, w_hh ``[4H, H]``, then b_ih, b_hh ``[4H]`` if has_biases.
+        dropout: probability of zeroing each output of every layer but the last, when train.
+
+    Returns:
+        (output ``[T, N, D*H]`` or ``[N, T, D*H]``, h_n ``[L*D, N, H]``, c_n ``[L*D, N, H]``).
+    """
+    if len(hx) != 2:
+        raise RuntimeError("lstm expects two hidden states")
+    h0, c0 = hx
+    directions = 2 if bidirectional else 1
+    per_cell = 4 if has_biases else 2
+    if len(weights) != num_layers * directions * per_cell:
+        raise ValueError(
+            f"lstm_ext.functional.lstm: expected {num_layers * directions * per_cell} weight "
+            f"tensors for num_layers={num_layers}, bidirectional={bidirectional}, "
+            f"has_biases={has_biases}, got {len(weights)}"
+        )
+    # ATen's checks, in ATen's order.
+    for state in (h0, c0):
+        if state.device != input.device:
+            raise RuntimeError(
+                "Input and hidden tensors are not at the same device, found input tensor at "
+                f"{input.device} and hidden tensor at {state.device}"
+            )
+    for weight in weights:
+        if weight.device != input.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor at "
+                f"{input.device} and parameter tensor at {weight.device}"
+            )
+    _check_matmul_dtype(h0, weights[1])
+    _check_matmul_dtype(c0, weights[1])
+    x = input.transpose(0, 1) if batch_first else input
+    if x.size(0) == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+    training = _needs_grad(input, h0, c0, *weights)
+    layer_input = x
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            w = weights[index * per_cell : (index + 1) * per_cell]
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            out, h, c, _, _ = ops.lstm_forward(
+                layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh,
+                reverse=direction == 1, training=training,
+            )
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+        if dropout > 0 and train and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    output = layer_input.transpose(0, 1) if batch_first else layer_input
+    return output, torch.stack(h_n), torch.stack(c_n)
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: Sequence[Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step on the fused ``lstm_ext::lstm_cell_forward`` op.
+
+    Args:
+        input: ``[N, C]``. hx: (h ``[N, H]``, c ``[N, H]``). w_ih ``[4H, C]``, w_hh ``[4H, H]``,
+            b_ih/b_hh ``[4H]`` or None.
+
+    Returns:
+        (h' ``[N, H]``, c' ``[N, H]``).
+    """
+    if len(hx) != 2:
+        raise RuntimeError("lstm_cell expects two hidden states")
+    h, c = hx
+    # ATen's check_rnn_cell_forward_input / _hidden, then its GEMM's dtype check.
+    if input.size(1) != w_ih.size(1):
+        raise RuntimeError(
+            f"input has inconsistent input_size: got {input.size(1)} expected {w_ih.size(1)}"
+        )
+    hidden_size = w_hh.size(1)
+    for label, state in enumerate((h, c)):
+        if input.size(0) != state.size(0):
+            raise RuntimeError(
+                f"Input batch size {input.size(0)} doesn't match hidden{label} batch size "
+                f"{state.size(0)}"
+            )
+        if state.size(1) != hidden_size:
+            raise RuntimeError(
+                f"hidden{label} has inconsistent hidden_size: got {state.size(1)}, "
+                f"expected {hidden_size}"
+            )
+    _check_matmul_dtype(input, w_ih)
+    _check_matmul_dtype(h, w_hh)
+    _check_matmul_dtype(c, w_hh)
+    for tensor in (h, c, w_ih, w_hh, b_ih, b_hh):
+        if tensor is not None and tensor.device != input.device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two devices, "
+                f"{input.device} and {tensor.device}!"
+            )
+    training = _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh)
+    h_new, c_new, _ = ops.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, training)
+    return h_new, c_new

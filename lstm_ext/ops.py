@@ -1,0 +1,211 @@
+"""Typed wrappers of the ``torch.ops.lstm_ext`` operators, their fake kernels and autograd formulas.
+
+The C++ library registers the schemas and the device kernels. This module adds what makes the ops
+first-class PyTorch citizens: a fake (meta) kernel for each, so ``torch.compile`` and
+``torch.library.opcheck`` can trace them, and an autograd formula for each forward op, which calls
+the matching private backward op. Double backward is refused with a clear error.
+
+Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["lstm_forward", "lstm_cell_forward"]
+
+
+def lstm_forward(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    reverse: bool = False,
+    training: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One LSTM layer in one direction over a whole sequence.
+
+    Args:
+        input: ``[T, N, C]``. h0, c0: ``[N, H]``. w_ih: ``[4H, C]``. w_hh: ``[4H, H]``.
+        b_ih, b_hh: ``[4H]`` or both None.
+        reverse: run the recurrence from ``t = T-1`` down to 0 (a bidirectional layer's second
+            direction); ``output[t]`` is still the hidden state at time ``t``.
+        training: save the activated gates and cell states for backward. Gradients can only flow
+            through a call made with ``training=True``.
+
+    Returns:
+        ``(output [T, N, H], h_n [N, H], c_n [N, H], saved_gates, saved_cells)``; the last two are
+        ``[T, N, 4H]`` and ``[T, N, H]`` when training, empty otherwise.
+    """
+    return torch.ops.lstm_ext.lstm_forward.default(
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training
+    )
+
+
+def lstm_cell_forward(
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    training: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM step, as ``torch.nn.LSTMCell``: input ``[N, C]``, hx/cx ``[N, H]``.
+
+    Returns ``(h [N, H], c [N, H], saved_gates)``, the last ``[N, 4H]`` when training, else empty.
+    """
+    return torch.ops.lstm_ext.lstm_cell_forward.default(
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh, training
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake kernels: output metadata only, for tracing (torch.compile, opcheck, meta tensors).
+
+
+@torch.library.register_fake("lstm_ext::lstm_forward")
+def _lstm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training):
+    steps, batch, _ = input.shape
+    hidden = w_hh.shape[1]
+    output = input.new_empty(steps, batch, hidden)
+    h_n = input.new_empty(batch, hidden)
+    c_n = input.new_empty(batch, hidden)
+    if training:
+        return output, h_n, c_n, input.new_empty(steps, batch, 4 * hidden), input.new_empty(
+            steps, batch, hidden
+        )
+    return output, h_n, c_n, input.new_empty(0), input.new_empty(0)
+
+
+@torch.library.register_fake("lstm_ext::_lstm_backward")
+def _lstm_backward_fake(
+    grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output, saved_gates, saved_cells,
+    reverse,
+):
+    return (
+        torch.empty_like(input),
+        torch.empty_like(h0),
+        torch.empty_like(c0),
+        torch.empty_like(w_ih),
+        torch.empty_like(w_hh),
+        w_hh.new_empty(w_hh.shape[0]),
+    )
+
+
+@torch.library.register_fake("lstm_ext::lstm_cell_forward")
+def _lstm_cell_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training):
+    batch = input.shape[0]
+    hidden = w_hh.shape[1]
+    saved_gates = input.new_empty(batch, 4 * hidden) if training else input.new_empty(0)
+    return input.new_empty(batch, hidden), input.new_empty(batch, hidden), saved_gates
+
+
+@torch.library.register_fake("lstm_ext::_lstm_cell_backward")
+def _lstm_cell_backward_fake(grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved_gates):
+    return (
+        torch.empty_like(input),
+        torch.empty_like(hx),
+        torch.empty_like(cx),
+        torch.empty_like(w_ih),
+        torch.empty_like(w_hh),
+        w_hh.new_empty(w_hh.shape[0]),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd: each forward op's backward is its private backward op.
+
+
+def _lstm_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    input, h0, c0, w_ih, w_hh, b_ih, _b_hh, reverse, _training = inputs
+    out, _h_n, _c_n, saved_gates, saved_cells = output
+    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, out, saved_gates, saved_cells)
+    ctx.reverse = reverse
+    ctx.has_bias = b_ih is not None
+    ctx.mark_non_differentiable(saved_gates, saved_cells)
+    # Otherwise autograd would allocate zero gradients for the saved buffers too ([T, N, 4H]).
+    ctx.set_materialize_grads(False)
+
+
+def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _lstm_forward_backward(
+    ctx: Any,
+    grad_output: Tensor | None,
+    grad_h_n: Tensor | None,
+    grad_c_n: Tensor | None,
+    *_saved: Tensor | None,
+) -> tuple:
+    input, h0, c0, w_ih, w_hh, out, saved_gates, saved_cells = ctx.saved_tensors
+    grad_output = _zeros_if_none(grad_output, out)
+    grad_h_n = _zeros_if_none(grad_h_n, h0)
+    grad_c_n = _zeros_if_none(grad_c_n, c0)
+    grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias = (
+        torch.ops.lstm_ext._lstm_backward.default(
+            grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, out, saved_gates,
+            saved_cells, ctx.reverse,
+        )
+    )
+    grad_b = grad_bias if ctx.has_bias else None
+    return grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b, None, None
+
+
+def _lstm_cell_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    input, hx, cx, w_ih, w_hh, b_ih, _b_hh, _training = inputs
+    _h, c, saved_gates = output
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, c, saved_gates)
+    ctx.has_bias = b_ih is not None
+    ctx.mark_non_differentiable(saved_gates)
+    ctx.set_materialize_grads(False)
+
+
+def _lstm_cell_forward_backward(
+    ctx: Any, grad_h: Tensor | None, grad_c: Tensor | None, *_saved: Tensor | None
+) -> tuple:
+    input, hx, cx, w_ih, w_hh, c, saved_gates = ctx.saved_tensors
+    grad_h = _zeros_if_none(grad_h, hx)
+    grad_c = _zeros_if_none(grad_c, cx)
+    grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias = (
+        torch.ops.lstm_ext._lstm_cell_backward.default(
+            grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved_gates
+        )
+    )
+    grad_b = grad_bias if ctx.has_bias else None
+    return grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b, grad_b, None
+
+
+def _no_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    pass
+
+
+def _refuse_double_backward(ctx: Any, *grads: Tensor) -> tuple:
+    raise RuntimeError(
+        "lstm_ext: double backward (the gradient of a gradient through lstm_ext's LSTM) is not "
+        "supported. Use torch.nn.LSTM's native path for higher-order gradients."
+    )
+
+
+torch.library.register_autograd(
+    "lstm_ext::lstm_forward", _lstm_forward_backward, setup_context=_lstm_forward_setup_context
+)
+torch.library.register_autograd(
+    "lstm_ext::lstm_cell_forward",
+    _lstm_cell_forward_backward,
+    setup_context=_lstm_cell_forward_setup_context,
+)
+torch.library.register_autograd(
+    "lstm_ext::_lstm_backward", _refuse_double_backward, setup_context=_no_context
+)
+torch.library.register_autograd(
+    "lstm_ext::_lstm_cell_backward", _refuse_double_backward, setup_context=_no_context
+)

@@ -1,0 +1,115 @@
+"""The LSTM in plain PyTorch ops: the oracle for tests and a baseline for benchmarks.
+
+Same math as ``torch.nn.LSTM`` (gate order i, f, g, o) and the same calling convention as
+:func:`lstm_ext.functional.lstm`, with the input projection hoisted out of the time loop as the fused
+kernels do. Autograd differentiates it, to any order. It is itself tested equal to ``torch.nn.LSTM``.
+
+Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``L`` layers, ``D`` directions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["lstm", "lstm_cell", "lstm_layer"]
+
+
+def _cell_update(gates: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor]:
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return h, c
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: tuple[Tensor, Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One step: input ``[N, C]``, hx = (h ``[N, H]``, c ``[N, H]``) -> (h', c')."""
+    h, c = hx
+    gates = input @ w_ih.t() + h @ w_hh.t()
+    if b_ih is not None:
+        gates = gates + b_ih + b_hh
+    return _cell_update(gates, c)
+
+
+def lstm_layer(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer, one direction: input ``[T, N, C]`` -> (output ``[T, N, H]``, h_n, c_n)."""
+    projected = input @ w_ih.t()
+    if b_ih is not None:
+        projected = projected + (b_ih + b_hh)
+    # unbind, not projected[t]: indexing in the loop makes autograd's backward quadratic in T.
+    steps = projected.unbind(0)
+    if reverse:
+        steps = steps[::-1]
+    h, c = h0, c0
+    outputs = []
+    for step in steps:
+        h, c = _cell_update(step + h @ w_hh.t(), c)
+        outputs.append(h)
+    if reverse:
+        outputs.reverse()
+    return torch.stack(outputs), h, c
+
+
+def lstm(
+    input: Tensor,
+    hx: tuple[Tensor, Tensor],
+    weights: Sequence[Tensor],
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A stacked, optionally bidirectional LSTM; the arguments of ``torch._VF.lstm``.
+
+    Args:
+        input: ``[T, N, C]`` (``[N, T, C]`` if batch_first).
+        hx: (h0, c0), each ``[L*D, N, H]``.
+        weights: ``torch.nn.LSTM``'s flat weight list, layer by layer, direction by direction:
+            w_ih, w_hh, then b_ih, b_hh if has_biases.
+
+    Returns:
+        (output ``[T, N, D*H]`` or ``[N, T, D*H]``, h_n ``[L*D, N, H]``, c_n ``[L*D, N, H]``).
+    """
+    directions = 2 if bidirectional else 1
+    per_cell = 4 if has_biases else 2
+    h0, c0 = hx
+    layer_input = input.transpose(0, 1) if batch_first else input
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            w = list(weights[index * per_cell : (index + 1) * per_cell])
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            out, h, c = lstm_layer(
+                layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh, reverse=direction == 1
+            )
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+        if dropout > 0 and train and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    output = layer_input.transpose(0, 1) if batch_first else layer_input
+    return output, torch.stack(h_n), torch.stack(c_n)

@@ -36,8 +36,8 @@ def lstm_forward(
         b_ih, b_hh: ``[4H]`` or both None.
         reverse: run the recurrence from ``t = T-1`` down to 0 (a bidirectional layer's second
             direction); ``output[t]`` is still the hidden state at time ``t``.
-        training: save the activated gates and cell states for backward. Gradients can only flow
-            through a call made with ``training=True``.
+        training: save the activated gates and cell states for backward. A call made with
+            ``training=False`` can still be differentiated: backward then recomputes them.
 
     Returns:
         ``(output [T, N, H], h_n [N, H], c_n [N, H], saved_gates, saved_cells)``; the last two are
@@ -68,7 +68,8 @@ def lstm_cell_forward(
 
 
 # ----------------------------------------------------------------------------------------------
-# Fake kernels: output metadata only, for tracing (torch.compile, opcheck, meta tensors).
+# Fake kernels: output metadata only, for tracing (torch.compile, opcheck, meta tensors). Every
+# real output is freshly allocated and contiguous, whatever the strides of the inputs.
 
 
 @torch.library.register_fake("lstm_ext::lstm_forward")
@@ -91,11 +92,11 @@ def _lstm_backward_fake(
     reverse,
 ):
     return (
-        torch.empty_like(input),
-        torch.empty_like(h0),
-        torch.empty_like(c0),
-        torch.empty_like(w_ih),
-        torch.empty_like(w_hh),
+        input.new_empty(input.shape),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
         w_hh.new_empty(w_hh.shape[0]),
     )
 
@@ -111,11 +112,11 @@ def _lstm_cell_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training):
 @torch.library.register_fake("lstm_ext::_lstm_cell_backward")
 def _lstm_cell_backward_fake(grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved_gates):
     return (
-        torch.empty_like(input),
-        torch.empty_like(hx),
-        torch.empty_like(cx),
-        torch.empty_like(w_ih),
-        torch.empty_like(w_hh),
+        input.new_empty(input.shape),
+        hx.new_empty(hx.shape),
+        cx.new_empty(cx.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
         w_hh.new_empty(w_hh.shape[0]),
     )
 
@@ -125,11 +126,10 @@ def _lstm_cell_backward_fake(grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved
 
 
 def _lstm_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    input, h0, c0, w_ih, w_hh, b_ih, _b_hh, reverse, _training = inputs
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, _training = inputs
     out, _h_n, _c_n, saved_gates, saved_cells = output
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, out, saved_gates, saved_cells)
+    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, out, saved_gates, saved_cells)
     ctx.reverse = reverse
-    ctx.has_bias = b_ih is not None
     ctx.mark_non_differentiable(saved_gates, saved_cells)
     # Otherwise autograd would allocate zero gradients for the saved buffers too ([T, N, 4H]).
     ctx.set_materialize_grads(False)
@@ -146,7 +146,15 @@ def _lstm_forward_backward(
     grad_c_n: Tensor | None,
     *_saved: Tensor | None,
 ) -> tuple:
-    input, h0, c0, w_ih, w_hh, out, saved_gates, saved_cells = ctx.saved_tensors
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, out, saved_gates, saved_cells = ctx.saved_tensors
+    if saved_gates.numel() == 0 and out.numel() > 0:
+        # Called with training=False (nothing saved) yet differentiated: recompute what backward
+        # needs rather than fail. The functional layer passes training=True whenever a gradient
+        # may be needed, so this path is rare.
+        with torch.no_grad():
+            out, _, _, saved_gates, saved_cells = lstm_forward(
+                input, h0, c0, w_ih, w_hh, b_ih, b_hh, ctx.reverse, training=True
+            )
     grad_output = _zeros_if_none(grad_output, out)
     grad_h_n = _zeros_if_none(grad_h_n, h0)
     grad_c_n = _zeros_if_none(grad_c_n, c0)
@@ -156,15 +164,14 @@ def _lstm_forward_backward(
             saved_cells, ctx.reverse,
         )
     )
-    grad_b = grad_bias if ctx.has_bias else None
+    grad_b = grad_bias if b_ih is not None else None
     return grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b, None, None
 
 
 def _lstm_cell_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    input, hx, cx, w_ih, w_hh, b_ih, _b_hh, _training = inputs
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, _training = inputs
     _h, c, saved_gates = output
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, c, saved_gates)
-    ctx.has_bias = b_ih is not None
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, c, saved_gates)
     ctx.mark_non_differentiable(saved_gates)
     ctx.set_materialize_grads(False)
 
@@ -172,7 +179,11 @@ def _lstm_cell_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> 
 def _lstm_cell_forward_backward(
     ctx: Any, grad_h: Tensor | None, grad_c: Tensor | None, *_saved: Tensor | None
 ) -> tuple:
-    input, hx, cx, w_ih, w_hh, c, saved_gates = ctx.saved_tensors
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, c, saved_gates = ctx.saved_tensors
+    if saved_gates.numel() == 0 and c.numel() > 0:
+        # Called with training=False: recompute the activations (see _lstm_forward_backward).
+        with torch.no_grad():
+            _, c, saved_gates = lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, True)
     grad_h = _zeros_if_none(grad_h, hx)
     grad_c = _zeros_if_none(grad_c, cx)
     grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias = (
@@ -180,7 +191,7 @@ def _lstm_cell_forward_backward(
             grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved_gates
         )
     )
-    grad_b = grad_bias if ctx.has_bias else None
+    grad_b = grad_bias if b_ih is not None else None
     return grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b, grad_b, None
 
 

@@ -250,9 +250,10 @@ lstm_cell_backward(const at::Tensor& grad_h, const at::Tensor& grad_c, const at:
   // With T = 1 the incoming h gradient can enter as grad_h_n; output[0] gets a zero gradient, and
   // `output` is never read (it only supplies h_{t-1} for steps after the first).
   const at::Tensor zero_grad_output = at::zeros({1, batch, hidden}, input.options());
-  return lstm_backward_unchecked(zero_grad_output, grad_h, grad_c, input.unsqueeze(0), hx, cx, w_ih,
-                                 w_hh, /*output=*/at::Tensor(), saved_gates.unsqueeze(0),
-                                 c.unsqueeze(0), /*reverse=*/false, kernels);
+  auto [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias] = lstm_backward_unchecked(
+      zero_grad_output, grad_h, grad_c, input.unsqueeze(0), hx, cx, w_ih, w_hh,
+      /*output=*/at::Tensor(), saved_gates.unsqueeze(0), c.unsqueeze(0), /*reverse=*/false, kernels);
+  return {grad_input.squeeze(0), grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
 
 }  // namespace lstm_ext

@@ -12,11 +12,40 @@ Environment switches:
 """
 
 import glob
+import importlib.util
 import os
+import shutil
 
-import torch
-from setuptools import setup
-from torch.utils import cpp_extension
+
+def _default_cuda_home() -> None:
+    """Sets CUDA_HOME to the real toolkit when the nvcc on PATH is a wrapper outside it.
+
+    torch guesses CUDA_HOME as nvcc's grandparent folder: /usr/local for a /usr/local/bin/nvcc
+    wrapper script, whose include/ has no CUDA headers, so every .cpp file that includes a c10/cuda
+    header fails to compile (nvcc itself still finds its own headers, which hides the problem). It
+    must run before torch.utils.cpp_extension is imported: that module reads CUDA_HOME once.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    guess = os.path.dirname(os.path.dirname(nvcc))
+    if os.path.isfile(os.path.join(guess, "include", "cuda_runtime_api.h")):
+        return
+    for candidate in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if os.path.isfile(os.path.join(candidate, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(candidate, "include", "cuda_runtime_api.h")
+        ):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
+_default_cuda_home()
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
@@ -55,6 +84,29 @@ def _resolve_cuda_archs() -> str:
     return archs
 
 
+def _cuda_wheel_include_dirs() -> list[str]:
+    """Header folders of the nvidia-* wheels that a pip-installed CUDA torch depends on.
+
+    A pip-installed torch gets cuBLAS, cuSPARSE and cuSOLVER from those wheels, and a local
+    toolkit that ships only nvcc and the runtime lacks their headers, which
+    ATen/cuda/CUDAContext.h includes. Our kernels avoid that header; with these folders a file
+    that includes it still compiles. They go in as -isystem, searched after the toolkit's own -I
+    folder, so the toolkit's runtime headers win over the wheels' copies of them.
+    """
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    major = (torch.version.cuda or "").split(".")[0]
+    found = []
+    for root in spec.submodule_search_locations:
+        # CUDA 13 wheels share one folder per major version; CUDA 12 wheels had one per library.
+        for sub in (f"cu{major}", "cublas", "cusparse", "cusolver"):
+            include = os.path.join(root, sub, "include")
+            if os.path.isdir(include) and include not in found:
+                found.append(include)
+    return found
+
+
 def _extension():
     debug = _env_flag("DEBUG")
     with_cuda, why = _resolve_cuda()
@@ -86,6 +138,9 @@ def _extension():
     sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     nvcc_flags = [*(["-O0", "-g", "-G"] if debug else ["-O3"]), "--expt-relaxed-constexpr"]
+    for include in _cuda_wheel_include_dirs():
+        cxx_flags += ["-isystem", include]
+        nvcc_flags += ["-isystem", include]
     return cpp_extension.CUDAExtension(
         "lstm_ext._C",
         sources,

@@ -1,0 +1,75 @@
+// CUDA kernels of the lstm_ext operators: the shared time loop (common/lstm_sequence.cpp) bound to
+// the CUDA pointwise passes (lstm_pointwise.cu). The loop's GEMMs go through ATen, hence cuBLAS on
+// the current stream; the pointwise kernels launch on that same stream, so the steps stay ordered
+// without any synchronization.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../common/lstm_sequence.h"
+
+namespace lstm_ext::cuda {
+
+// Defined in lstm_pointwise.cu.
+PointwiseKernels cuda_pointwise_kernels();
+
+namespace {
+
+// The dispatcher picks these kernels when any argument is on CUDA, so `input` may be on the CPU;
+// the time loop's device checks then reject the call with a message naming the tensors, which a
+// guard asked to switch to a CPU device would preempt with an internal assert.
+std::optional<c10::Device> cuda_device_of(const at::Tensor& input) {
+  return input.is_cuda() ? std::make_optional(input.device()) : std::nullopt;
+}
+
+const PointwiseKernels& pointwise_kernels() {
+  static const PointwiseKernels kernels = cuda_pointwise_kernels();
+  return kernels;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, bool reverse, bool training) {
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  return lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training,
+                      pointwise_kernels());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                   const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& h0,
+                   const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                   const at::Tensor& output, const at::Tensor& saved_gates,
+                   const at::Tensor& saved_cells, bool reverse) {
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  return lstm_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output,
+                       saved_gates, saved_cells, reverse, pointwise_kernels());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, bool training) {
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  return lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training, pointwise_kernels());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_cell_backward_cuda(const at::Tensor& grad_h, const at::Tensor& grad_c,
+                        const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                        const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& c,
+                        const at::Tensor& saved_gates) {
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  return lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved_gates,
+                            pointwise_kernels());
+}
+
+}  // namespace
+}  // namespace lstm_ext::cuda
+
+TORCH_LIBRARY_IMPL(lstm_ext, CUDA, m) {
+  m.impl("lstm_forward", &lstm_ext::cuda::lstm_forward_cuda);
+  m.impl("_lstm_backward", &lstm_ext::cuda::lstm_backward_cuda);
+  m.impl("lstm_cell_forward", &lstm_ext::cuda::lstm_cell_forward_cuda);
+  m.impl("_lstm_cell_backward", &lstm_ext::cuda::lstm_cell_backward_cuda);
+}

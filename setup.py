@@ -121,15 +121,16 @@ def _extension():
         ("LSTM_EXT_WITH_CUDA", "1" if with_cuda else "0"),
         ("LSTM_EXT_CUDA_ARCHS", f'"{archs}"'),
     ]
-    # Order matters a little: the baseline CPU file precedes the AVX2 one, so where the two share
-    # an inline function from a torch header the linker keeps the baseline copy.
+    # Order matters a little: the baseline CPU file precedes the AVX2/AVX-512 ones, so where they
+    # share an inline function from a torch header the linker keeps the baseline copy.
     sources = [
         "csrc/registration.cpp",
         "csrc/module.cpp",
         "csrc/common/lstm_sequence.cpp",
         "csrc/cpu/lstm_ops.cpp",
-        "csrc/cpu/lstm_pointwise_default.cpp",
-        "csrc/cpu/lstm_pointwise_avx2.cpp",
+        "csrc/cpu/lstm_kernels_default.cpp",
+        "csrc/cpu/lstm_kernels_avx2.cpp",
+        "csrc/cpu/lstm_kernels_avx512.cpp",
     ]
     if not with_cuda:
         return cpp_extension.CppExtension(

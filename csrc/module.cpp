@@ -11,13 +11,13 @@
 #endif
 
 namespace lstm_ext::cpu {
-const char* cpu_pointwise_capability();
+const char* cpu_capability();
 }
 
 PYBIND11_MODULE(_C, module) {
   module.doc() = "lstm_ext compiled library: fused LSTM operators registered as torch.ops.lstm_ext.*";
   module.attr("with_cuda") = static_cast<bool>(LSTM_EXT_WITH_CUDA);
   module.attr("cuda_archs") = LSTM_EXT_CUDA_ARCHS;
-  module.def("cpu_capability", &lstm_ext::cpu::cpu_pointwise_capability,
-             "Instruction set of the CPU pointwise pass chosen for this CPU (AVX2 or DEFAULT).");
+  module.def("cpu_capability", &lstm_ext::cpu::cpu_capability,
+             "Instruction set of the CPU kernels in use: AVX512, AVX2 or DEFAULT.");
 }

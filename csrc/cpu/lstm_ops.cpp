@@ -1,41 +1,67 @@
-// CPU kernels of the lstm_ext operators: the shared time loop (common/lstm_sequence.cpp) bound to the
-// CPU pointwise passes, chosen once for the running CPU.
+// CPU kernels of the lstm_ext operators: the shared time loop (common/lstm_sequence.cpp) bound to
+// the CPU kernels of the best instruction set the running CPU has, chosen once.
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
 #include "../common/lstm_sequence.h"
+#include "kernel_sets.h"
 
 namespace lstm_ext::cpu {
-
-// Defined in lstm_pointwise_default.cpp / lstm_pointwise_avx2.cpp.
-PointwiseKernels default_pointwise_kernels();
-bool avx2_pointwise_kernels(PointwiseKernels* kernels);
-
 namespace {
 
-bool cpu_has_avx2_fma() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
+bool cpu_supports(const char* isa) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (std::strcmp(isa, "AVX512") == 0) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma");
+  }
+  if (std::strcmp(isa, "AVX2") == 0) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }
 #endif
+  return std::strcmp(isa, "DEFAULT") == 0;
 }
 
-const PointwiseKernels& pointwise_kernels() {
-  static const PointwiseKernels kernels = [] {
-    PointwiseKernels chosen{};
-    if (cpu_has_avx2_fma() && avx2_pointwise_kernels(&chosen)) {
-      return chosen;
-    }
-    return default_pointwise_kernels();
-  }();
-  return kernels;
+// The best kernel set this build and this CPU share. LSTM_EXT_CPU_CAPABILITY (DEFAULT, AVX2 or
+// AVX512) caps it, as ATEN_CPU_CAPABILITY does for ATen: for tests of every path and for
+// comparisons.
+CpuKernelSet choose_kernel_set() {
+  const char* cap = std::getenv("LSTM_EXT_CPU_CAPABILITY");
+  const std::string limit = cap ? cap : "AVX512";
+  CpuKernelSet set;
+  if (limit == "AVX512" && cpu_supports("AVX512") && avx512_kernel_set(&set)) {
+    return set;
+  }
+  if ((limit == "AVX512" || limit == "AVX2") && cpu_supports("AVX2") && avx2_kernel_set(&set)) {
+    return set;
+  }
+  return default_kernel_set();
+}
+
+const CpuKernelSet& kernel_set() {
+  static const CpuKernelSet set = choose_kernel_set();
+  return set;
+}
+
+// The backend for one op call: the fused float32 one where this instruction set has it.
+std::unique_ptr<StepBackend> make_backend(const at::Tensor& input) {
+  const CpuKernelSet& set = kernel_set();
+  if (input.scalar_type() == at::kFloat && set.make_float_backend != nullptr) {
+    return set.make_float_backend(set.pointwise, set.packed_matmul);
+  }
+  return std::make_unique<StepBackend>(set.pointwise);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, bool reverse, bool training) {
-  return lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, pointwise_kernels());
+  const auto backend = make_backend(input);
+  return lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, *backend);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_cpu(
@@ -43,32 +69,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& saved_gates,
     const at::Tensor& saved_cells, bool reverse) {
+  const auto backend = make_backend(input);
   return lstm_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output,
-                       saved_gates, saved_cells, reverse, pointwise_kernels());
+                       saved_gates, saved_cells, reverse, *backend);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, bool training) {
-  return lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training, pointwise_kernels());
+  // One step: packing W_hh would cost as much as the step's GEMM, so ATen's GEMM serves.
+  StepBackend backend(kernel_set().pointwise);
+  return lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training, backend);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_cell_backward_cpu(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& input,
                        const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                        const at::Tensor& w_hh, const at::Tensor& c, const at::Tensor& saved_gates) {
-  return lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved_gates,
-                            pointwise_kernels());
+  StepBackend backend(kernel_set().pointwise);
+  return lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved_gates, backend);
 }
 
 }  // namespace
 
-// Which pointwise pass the running CPU uses, for lstm_ext.build_info().
-const char* cpu_pointwise_capability() {
-  PointwiseKernels avx2{};
-  return cpu_has_avx2_fma() && avx2_pointwise_kernels(&avx2) ? "AVX2" : "DEFAULT";
-}
+// The instruction set of the CPU kernels in use, for lstm_ext.build_info().
+const char* cpu_capability() { return kernel_set().name; }
 
 }  // namespace lstm_ext::cpu
 

@@ -1,9 +1,9 @@
 // The CPU pointwise passes, compiled once per instruction set.
 //
-// Included by lstm_pointwise_avx2.cpp (AVX2 + FMA) and lstm_pointwise_default.cpp (baseline x86-64
-// or any other architecture). Each includer defines CPU_CAPABILITY (and CPU_CAPABILITY_AVX2) before
-// including this file, so at::vec::Vectorized picks the matching implementation, and the functions
-// below land in the namespace lstm_ext::cpu::<CPU_CAPABILITY>; lstm_ops.cpp picks one at run time.
+// Included by lstm_kernels_{default,avx2,avx512}.cpp. Each includer defines CPU_CAPABILITY (and
+// CPU_CAPABILITY_AVX2 / _AVX512) before including this file, so at::vec::Vectorized picks the
+// matching implementation, and the functions below land in the namespace
+// lstm_ext::cpu::<CPU_CAPABILITY>; lstm_ops.cpp picks one at run time.
 #pragma once
 
 #include <ATen/Dispatch.h>

@@ -1,0 +1,157 @@
+// The CPU float32 StepBackend: the recurrent GEMM of each step fused with the step's pointwise
+// pass, over W_hh packed once per call, and the large GEMMs on the same packed-B kernel.
+//
+// Included by the per-instruction-set files (lstm_kernels_avx2.cpp, lstm_kernels_avx512.cpp) after
+// lstm_pointwise_impl.h, inside which the gate math's SIMD activations are defined.
+#pragma once
+
+#include <memory>
+
+#include "../common/lstm_sequence.h"
+#include "lstm_pointwise_impl.h"
+#include "packed_gemm.h"
+
+namespace lstm_ext::cpu {
+inline namespace CPU_CAPABILITY {
+
+// The epilogue of a forward step: the tile's accumulators are gate pre-activations of kVecWidth
+// hidden units (B packed in gate order, so vector v of a tile is gate v); the last K block turns
+// them into c_t and h_t in registers, and saves the activated gates when training.
+struct LstmForwardOutput {
+  float* gates;          // [N, 4H] pre-activations in (input projection and biases), out as above
+  const float* c_prev;   // [N, H]
+  float* c;              // [N, H]
+  float* h;              // [N, H]
+  int64_t hidden;
+  bool training;
+
+  float* gate_ptr(int64_t row, int64_t panel, int64_t vec) const {
+    return gates + row * 4 * hidden + vec * hidden + panel * kVecWidth;
+  }
+  int64_t units(int64_t panel) const {
+    return std::min<int64_t>(kVecWidth, hidden - panel * kVecWidth);
+  }
+  static FloatVec load_units(const float* p, int64_t count) {
+    return count == kVecWidth ? FloatVec::loadu(p) : FloatVec::loadu(p, count);
+  }
+  static void store_units(float* p, const FloatVec& v, int64_t count) {
+    if (count == kVecWidth) {
+      v.store(p);
+    } else {
+      v.store(p, count);
+    }
+  }
+
+  template <int64_t kRows>
+  void load(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    const int64_t count = units(panel);
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t v = 0; v < kPanelVecs; ++v) {
+        acc[r][v] = load_units(gate_ptr(row0 + r, panel, v), count);
+      }
+    }
+  }
+  template <int64_t kRows>
+  void store(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    const int64_t count = units(panel);
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t v = 0; v < kPanelVecs; ++v) {
+        store_units(gate_ptr(row0 + r, panel, v), FloatVec(acc[r][v]), count);
+      }
+    }
+  }
+  template <int64_t kRows>
+  void finish(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    const int64_t count = units(panel);
+    const int64_t j = panel * kVecWidth;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t row = row0 + r;
+      const GatePreActivations<FloatVec> pre{FloatVec(acc[r][0]), FloatVec(acc[r][1]),
+                                             FloatVec(acc[r][2]), FloatVec(acc[r][3])};
+      const CellForwardResult<FloatVec> result =
+          lstm_cell_forward_unit(pre, load_units(c_prev + row * hidden + j, count));
+      store_units(c + row * hidden + j, result.c, count);
+      store_units(h + row * hidden + j, result.h, count);
+      if (training) {
+        store_units(gate_ptr(row, panel, 0), result.gates.i, count);
+        store_units(gate_ptr(row, panel, 1), result.gates.f, count);
+        store_units(gate_ptr(row, panel, 2), result.gates.g, count);
+        store_units(gate_ptr(row, panel, 3), result.gates.o, count);
+      }
+    }
+  }
+};
+
+class FusedFloatBackend final : public StepBackend {
+ public:
+  FusedFloatBackend(const PointwiseKernels& kernels, bool packed_matmul)
+      : StepBackend(kernels), packed_matmul_(packed_matmul) {}
+
+  void matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate) override {
+    if (!packed_matmul_ || a.size(1) == 0 || !out.is_contiguous()) {
+      StepBackend::matmul(a, b, out, accumulate);
+      return;
+    }
+    const PackedB packed = pack_b(b.const_data_ptr<float>(), b.stride(0), b.stride(1), b.size(0),
+                                  b.size(1), ColumnOrder::kPlain);
+    const OperandA a_operand{a.const_data_ptr<float>(), a.stride(0), a.stride(1)};
+    packed_gemm(a_operand, a.size(0), packed, PlainOutput{out.data_ptr<float>(), out.stride(0), &packed},
+                accumulate);
+  }
+
+  void begin_forward(const at::Tensor& w_hh) override {
+    StepBackend::begin_forward(w_hh);
+    hidden_ = w_hh.size(1);
+    if (hidden_ > 0) {
+      // B = W_hh^T: element (k, col) = w_hh[col][k]; gate order for the fused epilogue.
+      packed_w_hh_ = pack_b(w_hh.const_data_ptr<float>(), /*k_stride=*/1, /*col_stride=*/hidden_,
+                            hidden_, 4 * hidden_, ColumnOrder::kGates);
+    }
+  }
+
+  void forward_step(const at::Tensor& h_prev, at::Tensor& gates, const at::Tensor& c_prev,
+                    at::Tensor& c, at::Tensor& h, bool training) override {
+    const int64_t batch = gates.size(0);
+    if (batch == 0 || hidden_ == 0) {
+      return;
+    }
+    const LstmForwardOutput out{gates.data_ptr<float>(), c_prev.const_data_ptr<float>(),
+                                c.data_ptr<float>(),     h.data_ptr<float>(),
+                                hidden_,                 training};
+    const OperandA a_operand{h_prev.const_data_ptr<float>(), h_prev.stride(0), h_prev.stride(1)};
+    packed_gemm(a_operand, batch, packed_w_hh_, out, /*accumulate=*/true);
+  }
+
+  void begin_backward(const at::Tensor& w_hh) override {
+    StepBackend::begin_backward(w_hh);
+    hidden_ = w_hh.size(1);
+    if (hidden_ > 0) {
+      // B = W_hh [4H, H] as it is stored.
+      packed_w_hh_ = pack_b(w_hh.const_data_ptr<float>(), /*k_stride=*/hidden_, /*col_stride=*/1,
+                            4 * hidden_, hidden_, ColumnOrder::kPlain);
+    }
+  }
+
+  void recurrent_gradient(const at::Tensor& d_gates, at::Tensor& d_h) override {
+    if (hidden_ == 0) {
+      return;
+    }
+    const OperandA a_operand{d_gates.const_data_ptr<float>(), d_gates.stride(0), d_gates.stride(1)};
+    packed_gemm(a_operand, d_gates.size(0), packed_w_hh_,
+                PlainOutput{d_h.data_ptr<float>(), d_h.stride(0), &packed_w_hh_},
+                /*accumulate=*/false);
+  }
+
+ private:
+  bool packed_matmul_;
+  int64_t hidden_ = 0;
+  PackedB packed_w_hh_;
+};
+
+inline std::unique_ptr<StepBackend> make_fused_float_backend(const PointwiseKernels& kernels,
+                                                             bool packed_matmul) {
+  return std::make_unique<FusedFloatBackend>(kernels, packed_matmul);
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace lstm_ext::cpu

@@ -1,0 +1,287 @@
+// A register-blocked single-precision GEMM over a B operand packed once per op call, with an
+// optional fused epilogue: the LSTM step applies its gate math to each output tile while the tile is
+// still in registers.
+//
+// Why our own GEMM: on the AMD machines this project runs on, MKL's sgemm takes its AVX2 path and
+// reaches roughly half of what the cores can do, while torch.nn.LSTM's oneDNN path uses its own
+// JIT kernels. Every library also re-packs the weights on every call; here W_hh is packed once per
+// sequence and reused by all T steps.
+//
+// Compiled once per instruction set (see lstm_pointwise_impl.h): `Vec` is at::vec::Vectorized<float>
+// of that set, VL its width (8 for AVX2, 16 for AVX-512).
+//
+// Layout of a packed B [K, Ncols]: panels of NR = 4 * VL columns; panel p holds, for every k, NR
+// consecutive values. Two column orders:
+//   plain:   panel p, vector v -> columns p*NR + v*VL + [0, VL)
+//   gates:   panel p, vector v -> columns v*H + p*VL + [0, VL), with H = Ncols / 4
+// The gate order puts the i, f, g, o pre-activations of VL hidden units into one register tile, so
+// the LSTM epilogue has all four gates of each unit at hand. Columns past the edge are zero.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace lstm_ext::cpu {
+inline namespace CPU_CAPABILITY {
+
+using FloatVec = at::vec::Vectorized<float>;
+constexpr int64_t kVecWidth = FloatVec::size();
+
+// The inner loop works on raw intrinsic types: GCC keeps arrays of those in registers, but not
+// arrays of at::vec::Vectorized (it spilled every AVX-512 accumulator on every iteration).
+#if defined(CPU_CAPABILITY_AVX512)
+using RawVec = __m512;
+inline RawVec raw_load(const float* p) { return _mm512_loadu_ps(p); }
+inline RawVec raw_broadcast(float x) { return _mm512_set1_ps(x); }
+inline RawVec raw_fmadd(RawVec a, RawVec b, RawVec c) { return _mm512_fmadd_ps(a, b, c); }
+#elif defined(CPU_CAPABILITY_AVX2)
+using RawVec = __m256;
+inline RawVec raw_load(const float* p) { return _mm256_loadu_ps(p); }
+inline RawVec raw_broadcast(float x) { return _mm256_set1_ps(x); }
+inline RawVec raw_fmadd(RawVec a, RawVec b, RawVec c) { return _mm256_fmadd_ps(a, b, c); }
+#else
+using RawVec = FloatVec;
+inline RawVec raw_load(const float* p) { return FloatVec::loadu(p); }
+inline RawVec raw_broadcast(float x) { return FloatVec(x); }
+inline RawVec raw_fmadd(RawVec a, RawVec b, RawVec c) { return at::vec::fmadd(a, b, c); }
+#endif
+constexpr int64_t kPanelVecs = 4;  // one vector per gate
+constexpr int64_t kPanelWidth = kPanelVecs * kVecWidth;
+// Rows per register tile: accumulators (rows x 4 vectors) + 4 B vectors + a broadcast must fit the
+// register file (16 vector registers for AVX2, 32 for AVX-512) without spilling.
+constexpr int64_t kTileRows = kVecWidth == 16 ? 6 : 2;
+// K per block, and rows per block of rows: the A block (rows x kBlockK) and one panel's B block
+// (kBlockK x kPanelWidth) stay in L1/L2 while the row tiles of the block pass over every panel.
+// Tuned on an AMD Zen 4 core (32 KB L1d, 1 MB L2); the macros let a benchmark try others.
+#ifndef LSTM_GEMM_BLOCK_K
+#define LSTM_GEMM_BLOCK_K 128
+#endif
+#ifndef LSTM_GEMM_BLOCK_ROWS
+#define LSTM_GEMM_BLOCK_ROWS 48
+#endif
+constexpr int64_t kBlockK = LSTM_GEMM_BLOCK_K;
+constexpr int64_t kBlockTiles = (LSTM_GEMM_BLOCK_ROWS + kTileRows - 1) / kTileRows;
+
+enum class ColumnOrder { kPlain, kGates };
+
+// B packed for the kernels below. `data` is [panels, K, kPanelWidth].
+struct PackedB {
+  at::Tensor data;
+  int64_t k = 0;
+  int64_t cols = 0;
+  int64_t panels = 0;
+  ColumnOrder order = ColumnOrder::kPlain;
+
+  const float* panel(int64_t p) const { return data.const_data_ptr<float>() + p * k * kPanelWidth; }
+};
+
+// First column of (panel, vector) in B, and how many of its VL columns exist.
+inline int64_t panel_column(const PackedB& b, int64_t panel, int64_t vec) {
+  return b.order == ColumnOrder::kPlain ? panel * kPanelWidth + vec * kVecWidth
+                                        : vec * (b.cols / 4) + panel * kVecWidth;
+}
+inline int64_t panel_column_count(const PackedB& b, int64_t panel, int64_t vec) {
+  const int64_t limit = b.order == ColumnOrder::kPlain ? b.cols : (vec + 1) * (b.cols / 4);
+  return std::clamp<int64_t>(limit - panel_column(b, panel, vec), 0, kVecWidth);
+}
+
+// Packs B given by element (k, col) = src[k * k_stride + col * col_stride].
+inline PackedB pack_b(const float* src, int64_t k_stride, int64_t col_stride, int64_t k,
+                      int64_t cols, ColumnOrder order) {
+  PackedB b;
+  b.k = k;
+  b.cols = cols;
+  b.order = order;
+  const int64_t width = order == ColumnOrder::kPlain ? cols : cols / 4;
+  const int64_t per_panel = order == ColumnOrder::kPlain ? kPanelWidth : kVecWidth;
+  b.panels = (width + per_panel - 1) / per_panel;
+  b.data = at::empty({b.panels, k, kPanelWidth}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = b.data.data_ptr<float>();
+  at::parallel_for(0, b.panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t v = 0; v < kPanelVecs; ++v) {
+        const int64_t col0 = panel_column(b, p, v);
+        const int64_t count = panel_column_count(b, p, v);
+        for (int64_t kk = 0; kk < k; ++kk) {
+          float* out = dst + (p * k + kk) * kPanelWidth + v * kVecWidth;
+          const float* in = src + kk * k_stride + col0 * col_stride;
+          int64_t l = 0;
+          for (; l < count; ++l) out[l] = in[l * col_stride];
+          for (; l < kVecWidth; ++l) out[l] = 0.f;
+        }
+      }
+    }
+  });
+  return b;
+}
+
+// A operand: element (m, k) = ptr[m * row_stride + k * k_stride]. Row-major A has k_stride 1;
+// a transposed one (A = X^T for weight gradients) has row_stride 1.
+struct OperandA {
+  const float* ptr;
+  int64_t row_stride;
+  int64_t k_stride;
+};
+
+// acc[r][v] += sum over k in [k0, k0 + kc) of A(row0 + r, k) * B(k, panel columns of v).
+template <int64_t kRows>
+inline void tile_multiply(const OperandA& a, int64_t row0, int64_t k0, int64_t kc,
+                          const float* b_block, RawVec (&acc)[kRows][kPanelVecs]) {
+  // Work on a local copy of raw vectors: vector types may alias float, so stores to the caller's
+  // array could not stay in registers across the loads of A and B below.
+  RawVec sum[kRows][kPanelVecs];
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < kRows; ++r) {
+    sum[r][0] = acc[r][0];
+    sum[r][1] = acc[r][1];
+    sum[r][2] = acc[r][2];
+    sum[r][3] = acc[r][3];
+  }
+  const float* a_rows = a.ptr + row0 * a.row_stride + k0 * a.k_stride;
+  const int64_t row_stride = a.row_stride;
+  const int64_t k_stride = a.k_stride;
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* b_k = b_block + k * kPanelWidth;
+    const RawVec b0 = raw_load(b_k);
+    const RawVec b1 = raw_load(b_k + kVecWidth);
+    const RawVec b2 = raw_load(b_k + 2 * kVecWidth);
+    const RawVec b3 = raw_load(b_k + 3 * kVecWidth);
+    const float* a_k = a_rows + k * k_stride;
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < kRows; ++r) {
+      const RawVec a_rk = raw_broadcast(a_k[r * row_stride]);
+      sum[r][0] = raw_fmadd(a_rk, b0, sum[r][0]);
+      sum[r][1] = raw_fmadd(a_rk, b1, sum[r][1]);
+      sum[r][2] = raw_fmadd(a_rk, b2, sum[r][2]);
+      sum[r][3] = raw_fmadd(a_rk, b3, sum[r][3]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < kRows; ++r) {
+    acc[r][0] = sum[r][0];
+    acc[r][1] = sum[r][1];
+    acc[r][2] = sum[r][2];
+    acc[r][3] = sum[r][3];
+  }
+}
+
+// The plain output: C rows are row-major with leading dimension ldc, columns as B's.
+struct PlainOutput {
+  float* c;
+  int64_t ldc;
+  const PackedB* b;
+
+  template <int64_t kRows>
+  void load(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t v = 0; v < kPanelVecs; ++v) {
+        const int64_t count = panel_column_count(*b, panel, v);
+        const float* src = c + (row0 + r) * ldc + panel_column(*b, panel, v);
+        acc[r][v] = count == kVecWidth ? FloatVec::loadu(src)
+                    : count > 0        ? FloatVec::loadu(src, count)
+                                       : FloatVec(0.f);  // Vectorized converts to RawVec
+      }
+    }
+  }
+  template <int64_t kRows>
+  void store(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t v = 0; v < kPanelVecs; ++v) {
+        const int64_t count = panel_column_count(*b, panel, v);
+        float* dst = c + (row0 + r) * ldc + panel_column(*b, panel, v);
+        if (count == kVecWidth) {
+          FloatVec(acc[r][v]).store(dst);
+        } else if (count > 0) {
+          FloatVec(acc[r][v]).store(dst, count);
+        }
+      }
+    }
+  }
+  // Nothing fused: the last K block stores like the others.
+  template <int64_t kRows>
+  void finish(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    store<kRows>(row0, panel, acc);
+  }
+};
+
+// Runs one row tile of `rows` (<= kTileRows) rows over one K block, with the row count as a
+// compile-time constant so the accumulators live in registers.
+template <typename Output, int64_t kRows = kTileRows>
+inline void run_tile(const OperandA& a, const PackedB& b, const Output& out, int64_t row0,
+                     int64_t rows, int64_t panel, int64_t k0, int64_t kc, bool load_c, bool last) {
+  if constexpr (kRows > 1) {
+    if (rows < kRows) {
+      run_tile<Output, kRows - 1>(a, b, out, row0, rows, panel, k0, kc, load_c, last);
+      return;
+    }
+  }
+  RawVec acc[kRows][kPanelVecs];
+  if (load_c) {
+    out.template load<kRows>(row0, panel, acc);
+  } else {
+    for (auto& row : acc) {
+      for (auto& v : row) v = raw_broadcast(0.f);
+    }
+  }
+  tile_multiply<kRows>(a, row0, k0, kc, b.panel(panel) + k0 * kPanelWidth, acc);
+  if (last) {
+    out.template finish<kRows>(row0, panel, acc);
+  } else {
+    out.template store<kRows>(row0, panel, acc);
+  }
+}
+
+// out (+)= A[rows, K] * B. `accumulate` adds to what `out` holds; otherwise it is overwritten.
+// K must be positive (callers route K = 0 elsewhere).
+// Parallel over panels when there are enough of them (each thread keeps its panels of B in its own
+// cache), else over row ranges.
+template <typename Output>
+void packed_gemm(const OperandA& a, int64_t rows, const PackedB& b, const Output& out,
+                 bool accumulate) {
+  const int64_t row_tiles = (rows + kTileRows - 1) / kTileRows;
+  if (rows == 0 || b.panels == 0) {
+    return;
+  }
+  // K blocks outermost, then blocks of rows whose slice of A (kBlockRows x kBlockK) stays in L2
+  // while every panel of B passes over it.
+  const auto run_range = [&](int64_t panel_begin, int64_t panel_end, int64_t tile_begin,
+                             int64_t tile_end) {
+    for (int64_t k0 = 0; k0 < b.k; k0 += kBlockK) {
+      const int64_t kc = std::min(kBlockK, b.k - k0);
+      const bool last = k0 + kBlockK >= b.k;
+      for (int64_t t0 = tile_begin; t0 < tile_end; t0 += kBlockTiles) {
+        const int64_t t1 = std::min(tile_end, t0 + kBlockTiles);
+        for (int64_t p = panel_begin; p < panel_end; ++p) {
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t row0 = t * kTileRows;
+            run_tile(a, b, out, row0, std::min(kTileRows, rows - row0), p, k0, kc,
+                     accumulate || k0 > 0, last);
+          }
+        }
+      }
+    }
+  };
+  // Threads only where each task gets enough work to pay for the hand-off (a step of a small
+  // model is a few microseconds of work in all).
+  constexpr int64_t kMinFlopsPerTask = 1 << 20;
+  const int64_t flops_per_tile = 2 * kTileRows * b.k * kPanelWidth;
+  const int64_t threads = at::get_num_threads();
+  if (b.panels >= 2 * threads || row_tiles < 2 * threads) {
+    const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / (flops_per_tile * row_tiles));
+    at::parallel_for(0, b.panels, grain, [&](int64_t begin, int64_t end) {
+      run_range(begin, end, 0, row_tiles);
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / (flops_per_tile * b.panels));
+    at::parallel_for(0, row_tiles, grain, [&](int64_t begin, int64_t end) {
+      run_range(0, b.panels, begin, end);
+    });
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace lstm_ext::cpu

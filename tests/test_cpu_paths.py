@@ -1,0 +1,86 @@
+"""Every CPU instruction-set path against torch.nn.LSTM, each in its own process.
+
+The kernel set is chosen once per process (LSTM_EXT_CPU_CAPABILITY caps it), so each path runs in a
+subprocess: DEFAULT (portable vectors, ATen GEMMs), AVX2 and AVX512 (fused float32 step over packed
+weights, packed GEMMs) where this CPU has them.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+PARITY_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import lstm_ext
+
+    torch.manual_seed(0)
+    print(lstm_ext.build_info()["cpu_capability"])
+    cases = [
+        # (T, N, C, H, layers, bidirectional, batch_first, bias)
+        (5, 3, 6, 13, 2, True, False, True),
+        (4, 7, 5, 37, 1, False, True, True),
+        (3, 2, 9, 64, 2, True, True, False),
+        (6, 13, 16, 16, 1, False, False, True),
+        (2, 1, 3, 5, 1, False, False, True),
+    ]
+    for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
+        for T, N, C, H, L, bi, bf, bias in cases:
+            theirs = torch.nn.LSTM(C, H, L, bias=bias, batch_first=bf, bidirectional=bi, dtype=dtype)
+            ours = lstm_ext.LSTM(C, H, L, bias=bias, batch_first=bf, bidirectional=bi, dtype=dtype)
+            ours.load_state_dict(theirs.state_dict())
+            x = torch.randn((N, T, C) if bf else (T, N, C), dtype=dtype, requires_grad=True)
+            D = 2 if bi else 1
+            h0 = torch.randn(L * D, N, H, dtype=dtype, requires_grad=True)
+            c0 = torch.randn(L * D, N, H, dtype=dtype, requires_grad=True)
+            results = []
+            for m in (theirs, ours):
+                out, (h, c) = m(x, (h0, c0))
+                loss = out.square().sum() + 2 * h.sum() + c.square().sum()
+                grads = torch.autograd.grad(loss, [x, h0, c0, *m.parameters()])
+                results.append((out, h, c, *grads))
+            for e, a in zip(*results):
+                torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+            with torch.no_grad():
+                torch.testing.assert_close(ours(x, (h0, c0))[0], theirs(x, (h0, c0))[0],
+                                           rtol=tol, atol=tol)
+    print("ok")
+    """
+)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
+def test_cpu_path_matches_torch(capability):
+    flags = _cpu_flags()
+    needed = {"AVX2": {"avx2", "fma"}, "AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
+    if not needed.get(capability, set()) <= flags:
+        pytest.skip(f"this CPU lacks {capability}")
+    env = {**os.environ, "LSTM_EXT_CPU_CAPABILITY": capability}
+    result = subprocess.run(
+        [sys.executable, "-c", PARITY_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split()
+    assert lines[0] == capability, f"ran {lines[0]} instead of {capability}"
+    assert lines[-1] == "ok"

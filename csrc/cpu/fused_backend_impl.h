@@ -99,41 +99,47 @@ class FusedFloatBackend final : public StepBackend {
                 accumulate);
   }
 
+  // W_hh is [4H, K] with K the width of h_{t-1}: H, or the projection size once projections
+  // exist. Both packings below keep the two apart.
   void begin_forward(const at::Tensor& w_hh) override {
     StepBackend::begin_forward(w_hh);
-    hidden_ = w_hh.size(1);
-    if (hidden_ > 0) {
+    hidden_ = w_hh.size(0) / 4;
+    if (hidden_ > 0 && w_hh.size(1) > 0) {
       // B = W_hh^T: element (k, col) = w_hh[col][k]; gate order for the fused epilogue.
-      packed_w_hh_ = pack_b(w_hh.const_data_ptr<float>(), /*k_stride=*/1, /*col_stride=*/hidden_,
-                            hidden_, 4 * hidden_, ColumnOrder::kGates);
+      packed_w_hh_ = pack_b(w_hh.const_data_ptr<float>(), /*k_stride=*/1,
+                            /*col_stride=*/w_hh.stride(0), w_hh.size(1), w_hh.size(0),
+                            ColumnOrder::kGates);
     }
   }
 
   void forward_step(const at::Tensor& h_prev, at::Tensor& gates, const at::Tensor& c_prev,
                     at::Tensor& c, at::Tensor& h, bool training) override {
-    const int64_t batch = gates.size(0);
-    if (batch == 0 || hidden_ == 0) {
+    if (packed_w_hh_.k == 0 || packed_w_hh_.panels == 0) {
+      StepBackend::forward_step(h_prev, gates, c_prev, c, h, training);
+      return;
+    }
+    if (gates.size(0) == 0) {
       return;
     }
     const LstmForwardOutput out{gates.data_ptr<float>(), c_prev.const_data_ptr<float>(),
                                 c.data_ptr<float>(),     h.data_ptr<float>(),
                                 hidden_,                 training};
     const OperandA a_operand{h_prev.const_data_ptr<float>(), h_prev.stride(0), h_prev.stride(1)};
-    packed_gemm(a_operand, batch, packed_w_hh_, out, /*accumulate=*/true);
+    packed_gemm(a_operand, gates.size(0), packed_w_hh_, out, /*accumulate=*/true);
   }
 
   void begin_backward(const at::Tensor& w_hh) override {
     StepBackend::begin_backward(w_hh);
-    hidden_ = w_hh.size(1);
-    if (hidden_ > 0) {
-      // B = W_hh [4H, H] as it is stored.
-      packed_w_hh_ = pack_b(w_hh.const_data_ptr<float>(), /*k_stride=*/hidden_, /*col_stride=*/1,
-                            4 * hidden_, hidden_, ColumnOrder::kPlain);
+    if (w_hh.size(0) > 0 && w_hh.size(1) > 0) {
+      // B = W_hh [4H, K] as it is stored.
+      packed_w_hh_ = pack_b(w_hh.const_data_ptr<float>(), /*k_stride=*/w_hh.stride(0),
+                            /*col_stride=*/1, w_hh.size(0), w_hh.size(1), ColumnOrder::kPlain);
     }
   }
 
   void recurrent_gradient(const at::Tensor& d_gates, at::Tensor& d_h) override {
-    if (hidden_ == 0) {
+    if (packed_w_hh_.k == 0 || packed_w_hh_.panels == 0) {
+      StepBackend::recurrent_gradient(d_gates, d_h);
       return;
     }
     const OperandA a_operand{d_gates.const_data_ptr<float>(), d_gates.stride(0), d_gates.stride(1)};

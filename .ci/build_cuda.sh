@@ -48,6 +48,8 @@ else
   fi
   rm -f "$pip_log"
 fi
+# The venv's tools first: torch's build runs `ninja` from PATH.
+export PATH="$venv/bin:$PATH"
 "$py" -c "import torch; print('[build_cuda] torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPU visible:', torch.cuda.is_available())"
 stage "virtualenv"
 

@@ -5,12 +5,13 @@
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
 #
-# RESULTS_DIR defaults to benchmarks/results/gpu_check-<UTC time>. It receives: gpu_check.log
-# (everything), env.json (device, driver, versions, date, commit), summary.md, one JUnit XML per test
-# stage with its output as .txt, and bench_<dtype>.json / .txt. Every stage runs under its own time limit; a failed stage is
-# recorded and the next one still runs. The whole run aims at ~8 minutes (GPU_CHECK_BUDGET_S=480);
-# a stage that no longer fits is skipped and says so. LSTM_EXT_COMMIT names the commit when the
-# tree has no .git.
+# RESULTS_DIR defaults to benchmarks/results/gpu_check-<UTC time>; with the device tool, pass
+# "$OUT/gpu_check" so the results come back. It receives: gpu_check.log (everything), env.json
+# (device, driver, versions, date, commit), summary.md, per test stage a JUnit XML and its output
+# as .txt, and bench_<dtype>.json / .txt. Every stage runs under its own time limit; a failed stage
+# is recorded and the next one still runs. The whole run aims at ~8 minutes
+# (GPU_CHECK_BUDGET_S=480); a stage that no longer fits is skipped and says so. Set
+# LSTM_EXT_COMMIT=<sha> when the tree has no .git (a copied working tree), so env.json names it.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."

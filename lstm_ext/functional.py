@@ -172,9 +172,10 @@ def lstm_cell(
     _check_matmul_dtype(c, w_hh)
     for tensor in (h, c, w_ih, w_hh, b_ih, b_hh):
         if tensor is not None and tensor.device != input.device:
+            # ATen names the device its kernel runs on (the other tensor's) first.
             raise RuntimeError(
                 "Expected all tensors to be on the same device, but found at least two devices, "
-                f"{input.device} and {tensor.device}!"
+                f"{tensor.device} and {input.device}!"
             )
     training = _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh)
     h_new, c_new, _ = ops.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, training)

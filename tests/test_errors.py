@@ -138,6 +138,6 @@ def test_cell_device_mismatch_is_a_clear_error():
     # both devices.
     cell = lstm_ext.LSTMCell(4, 3)
     with pytest.raises(RuntimeError, match=re.escape(
-        "Expected all tensors to be on the same device, but found at least two devices, meta and cpu!"
+        "Expected all tensors to be on the same device, but found at least two devices, cpu and meta!"
     )):
         cell(torch.empty(2, 4, device="meta"))

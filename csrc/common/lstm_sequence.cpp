@@ -1,6 +1,7 @@
 #include "lstm_sequence.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/util/irange.h>
 
 #include <vector>
@@ -105,10 +106,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
   at::Tensor gates = at::empty({steps, batch, 4 * hidden}, x.options());
   at::Tensor gates_2d = gates.view({steps * batch, 4 * hidden});
   const at::Tensor x_2d = x.view({steps * batch, features});
-  if (b_ih.has_value()) {
-    gates_2d.copy_((*b_ih + *b_hh).expand({steps * batch, 4 * hidden}));
+  {
+    // Named scopes show up in torch.profiler: where a step's time goes (benchmarks/README.md).
+    RECORD_FUNCTION("lstm_ext::input_projection", std::vector<c10::IValue>());
+    if (b_ih.has_value()) {
+      gates_2d.copy_((*b_ih + *b_hh).expand({steps * batch, 4 * hidden}));
+    }
+    backend.matmul(x_2d, w_ih.t(), gates_2d, /*accumulate=*/b_ih.has_value());
   }
-  backend.matmul(x_2d, w_ih.t(), gates_2d, /*accumulate=*/b_ih.has_value());
 
   at::Tensor output = at::empty({steps, batch, hidden}, x.options());
   at::Tensor cells = training ? at::empty({steps, batch, hidden}, x.options()) : at::empty({0}, x.options());
@@ -119,6 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
   std::vector<at::Tensor> output_t = output.unbind(0);
   at::Tensor h_prev = h0.contiguous();
   at::Tensor c_prev = c0.contiguous();
+  RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
   backend.begin_forward(w_hh.contiguous());
   for (const auto k : c10::irange(steps)) {
     const int64_t t = step_time(k, steps, reverse);
@@ -155,25 +161,29 @@ lstm_backward_unchecked(const at::Tensor& grad_output, const at::Tensor& grad_h_
   at::Tensor d_c = grad_c_n.contiguous().clone();
 
   const at::Tensor c0_c = c0.contiguous();
-  backend.begin_backward(w_hh.contiguous());
-  // Backward visits the steps in the opposite order of the forward recurrence.
-  for (const auto k : c10::irange(steps)) {
-    const int64_t t = step_time(steps - 1 - k, steps, reverse);
-    const bool first_forward_step = t == step_time(0, steps, reverse);
-    const at::Tensor c_prev = first_forward_step ? c0_c : cells[reverse ? t + 1 : t - 1];
-    at::Tensor d_gates_t = d_gates[t];
-    if (batch > 0) {
-      BackwardStepArgs args{gates[t].const_data_ptr(),     cells[t].const_data_ptr(),
-                            c_prev.const_data_ptr(),       d_out[t].const_data_ptr(),
-                            d_h_recurrent.const_data_ptr(), d_c.data_ptr(),
-                            d_gates_t.data_ptr(),          batch,
-                            hidden};
-      backend.backward_pointwise(args, x.scalar_type());
+  {
+    RECORD_FUNCTION("lstm_ext::recurrence_backward", std::vector<c10::IValue>());
+    backend.begin_backward(w_hh.contiguous());
+    // Backward visits the steps in the opposite order of the forward recurrence.
+    for (const auto k : c10::irange(steps)) {
+      const int64_t t = step_time(steps - 1 - k, steps, reverse);
+      const bool first_forward_step = t == step_time(0, steps, reverse);
+      const at::Tensor c_prev = first_forward_step ? c0_c : cells[reverse ? t + 1 : t - 1];
+      at::Tensor d_gates_t = d_gates[t];
+      if (batch > 0) {
+        BackwardStepArgs args{gates[t].const_data_ptr(),     cells[t].const_data_ptr(),
+                              c_prev.const_data_ptr(),       d_out[t].const_data_ptr(),
+                              d_h_recurrent.const_data_ptr(), d_c.data_ptr(),
+                              d_gates_t.data_ptr(),          batch,
+                              hidden};
+        backend.backward_pointwise(args, x.scalar_type());
+      }
+      backend.recurrent_gradient(d_gates_t, d_h_recurrent);
     }
-    backend.recurrent_gradient(d_gates_t, d_h_recurrent);
   }
 
   // Weight and input gradients as large GEMMs over all timesteps.
+  RECORD_FUNCTION("lstm_ext::weight_gradients", std::vector<c10::IValue>());
   const at::Tensor d_gates_2d = d_gates.view({steps * batch, 4 * hidden});
   at::Tensor grad_input = at::empty({steps, batch, features}, x.options());
   at::Tensor grad_input_2d = grad_input.view({steps * batch, features});

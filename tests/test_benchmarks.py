@@ -1,0 +1,399 @@
+"""The benchmark scripts' code paths on tiny problems: arguments, JSON, correctness columns, plots.
+
+No timing is asserted (machines are noisy); only that every figure is there, finite, and that
+lstm_ext's results match the baselines'. Each run uses one round and tiny shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+TINY = ["--seq-lens", "3", "--batch-sizes", "2", "--hidden-sizes", "4", "--reps", "1"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load(name: str) -> ModuleType:
+    """Import a script from benchmarks/ (a folder of scripts, not a package)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _load("bench_lstm")
+
+
+@pytest.fixture(scope="module")
+def adding() -> ModuleType:
+    return _load("train_adding")
+
+
+def _assert_finite(value: Any, where: str = "payload") -> None:
+    """Every number in a JSON document is finite (None stands for "not applicable")."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _assert_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _assert_finite(item, f"{where}[{index}]")
+    elif isinstance(value, float):
+        assert math.isfinite(value), where
+
+
+def _run_bench(bench: ModuleType, tmp_path: Path, *argv: str) -> tuple[int, dict[str, Any]]:
+    path = tmp_path / "bench.json"
+    code = bench.main([*argv, "--json", str(path)])
+    return code, json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------------------
+# bench_lstm.py
+
+
+def test_bench_json_has_every_figure(bench: ModuleType, tmp_path: Path) -> None:
+    code, payload = _run_bench(bench, tmp_path, *TINY, "--warmup", "1")
+    assert code == 0
+    _assert_finite(payload)
+    assert payload["schema"] == bench.SCHEMA
+    env = payload["env"]
+    for key in ("device", "device_name", "cpu_model", "threads", "torch", "lstm_ext", "date"):
+        assert env[key], key
+    assert env["threads"] == torch.get_num_threads()
+    assert "commit" in env["git"]
+    assert env["lstm_ext_build"]["version"] == env["lstm_ext"]
+    assert [case["mode"] for case in payload["results"]] == ["inference", "training"]
+    for case in payload["results"]:
+        assert case["shape"]["name"] == "T3 N2 C4 H4"
+        variants = case["variants"]
+        assert set(variants) == {"lstm_ext", "torch_onednn", "torch_native", "reference"}
+        for key, record in variants.items():
+            assert record["error"] is None, (key, record["error"])
+            if record["skipped"]:
+                continue
+            assert len(record["times_s"]) == 1 and record["times_s"][0] > 0
+            assert record["stats_s"]["median"] > 0
+            assert isinstance(record["peak_memory_bytes"], int)
+            assert record["peak_memory_bytes"] >= 0
+        assert "lstm_ext::lstm_forward" in variants["lstm_ext"]["ops"]
+        timed = [key for key, record in variants.items() if record["times_s"]]
+        assert set(case["speedup"]) == set(timed) - {"lstm_ext"}
+        for speed in case["speedup"].values():
+            assert speed["median"] > 0 and len(speed["ratios"]) == 1
+        correctness = case["correctness"]
+        assert correctness["correct"] is True
+        assert set(correctness["comparisons"]) == set(timed) - {"lstm_ext"}
+        for comparison in correctness["comparisons"].values():
+            assert comparison["output_max_abs_diff"] < 1e-5
+            assert comparison["within_tolerance"] is True
+            if case["mode"] == "training":
+                assert comparison["grad_max_abs_diff"] < 1e-5
+                assert "grad_weight_hh_l0" not in comparison["per_tensor"]
+                assert {"input", "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"} <= set(
+                    comparison["per_tensor"]
+                )
+            else:
+                assert comparison["grad_max_abs_diff"] is None
+
+
+def test_bench_prints_table_and_environment(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench.main([*TINY, "--warmup", "0", "--modes", "inference"]) == 0
+    out = capsys.readouterr().out
+    for text in ("torch threads", "lstm_ext    0.", "median ms", "max|d| out", "T3 N2 C4 H4"):
+        assert text in out
+
+
+def test_bench_float64_layers_and_directions(bench: ModuleType, tmp_path: Path) -> None:
+    code, payload = _run_bench(
+        bench,
+        tmp_path,
+        *TINY,
+        "--warmup",
+        "0",
+        "--dtype",
+        "float64",
+        "--layers",
+        "2",
+        "--bidirectional",
+        "--modes",
+        "training",
+    )
+    assert code == 0
+    (case,) = payload["results"]
+    assert case["shape"]["layers"] == 2 and case["shape"]["bidirectional"] is True
+    onednn = case["variants"]["torch_onednn"]
+    # oneDNN has no float64 LSTM: the variant is skipped if (and only if) torch did not use it.
+    assert (onednn["skipped"] is not None) == ("aten::mkldnn_rnn_layer" not in onednn["ops"])
+    comparison = case["correctness"]["comparisons"]["torch_native"]
+    assert "weight_hh_l1_reverse" in comparison["per_tensor"]
+    assert comparison["output_max_abs_diff"] < 1e-10
+    assert comparison["grad_max_abs_diff"] < 1e-10
+
+
+def test_bench_low_precision_run(bench: ModuleType, tmp_path: Path) -> None:
+    code, payload = _run_bench(
+        bench,
+        tmp_path,
+        *TINY,
+        "--warmup",
+        "0",
+        "--dtype",
+        "bfloat16",
+        "--modes",
+        "training",
+        "--variants",
+        "torch_native",
+    )
+    (case,) = payload["results"]
+    error = case["variants"]["lstm_ext"]["error"]
+    if error is not None:
+        # A dtype lstm_ext has no kernel for is reported, not fatal, and fails the exit status.
+        assert code == 1
+        assert case["correctness"]["oracle"] is None
+        return
+    oracle = case["correctness"]["oracle"]
+    assert oracle["against"] == "torch_native"
+    assert set(oracle["errors"]) == {"lstm_ext", "torch_native"}
+    assert code == (0 if case["correctness"]["correct"] else 1)
+
+
+def test_low_precision_rule_against_float64(bench: ModuleType) -> None:
+    """The fp16/bf16 verdict: lstm_ext's error from float64 at most 2x torch's, per group."""
+    shape = bench.Shape(3, 2, 4, 4)
+    work = bench.Workload(shape, torch.bfloat16, torch.device("cpu"), seed=0, training=True)
+    names = work.tensor_names()
+    torch_result = work.make_step(bench.CPU_BASELINES[1], "eager")()
+    as_good = bench._correctness(
+        work, {"lstm_ext": torch_result, "torch_native": torch_result}, names, torch.bfloat16
+    )
+    assert as_good["correct"] is True
+    assert as_good["oracle"]["against"] == "torch_native"
+    outputs, grads = torch_result
+    worse = (tuple(t + 0.5 for t in outputs), grads)
+    verdict = bench._correctness(
+        work, {"lstm_ext": worse, "torch_native": torch_result}, names, torch.bfloat16
+    )
+    assert verdict["correct"] is False
+
+
+def test_bench_compile_variant_reports_compile_time(bench: ModuleType, tmp_path: Path) -> None:
+    # The "eager" backend exercises the compile path without a C++ compiler's minutes.
+    code, payload = _run_bench(
+        bench,
+        tmp_path,
+        "--seq-lens",
+        "2",
+        "--batch-sizes",
+        "1",
+        "--hidden-sizes",
+        "2",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--modes",
+        "inference",
+        "--compile",
+        "--compile-backend",
+        "eager",
+        "--variants",
+        "reference_compiled",
+    )
+    assert code == 0
+    record = payload["results"][0]["variants"]["reference_compiled"]
+    assert record["error"] is None
+    assert record["compile_s"] > 0
+    assert (
+        payload["results"][0]["correctness"]["comparisons"]["reference_compiled"][
+            "output_max_abs_diff"
+        ]
+        < 1e-5
+    )
+
+
+def test_bench_shape_selection(bench: ModuleType) -> None:
+    parser = bench.build_parser()
+
+    def shapes(*argv: str) -> list[str]:
+        return [shape.name for shape in bench.resolve_shapes(parser.parse_args(argv), parser)[0]]
+
+    assert shapes() == [bench.PRESETS[name].name for name in bench.DEFAULT_PRESETS]
+    assert shapes("--shapes", "latency,10x2x3x4") == ["T50 N1 C128 H128", "T10 N2 C3 H4"]
+    assert shapes("--seq-lens", "5", "--batch-sizes", "1,2") == [
+        "T5 N1 C512 H512",
+        "T5 N2 C512 H512",
+    ]
+    assert shapes("--shapes", "medium", "--layers", "2", "--bidirectional") == [
+        "T100 N32 C256 H256 L2 bidir"
+    ]
+    sweep_shapes, sweep = bench.resolve_shapes(
+        parser.parse_args(["--sweep", "--batch-sizes", "1,32", "--hidden-sizes", "64,256"]),
+        parser,
+    )
+    assert sweep["batch"]["values"] == [1, 32] and sweep["hidden"]["values"] == [64, 256]
+    assert len(sweep_shapes) == 3  # the centre N=32, H=256 is in both sweeps
+    with pytest.raises(SystemExit):
+        bench.resolve_shapes(parser.parse_args(["--shapes", "huge"]), parser)
+
+
+def test_bench_sweep_plot(bench: ModuleType, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "sweep.png"
+    code, payload = _run_bench(
+        bench,
+        tmp_path,
+        "--sweep",
+        "--seq-lens",
+        "2",
+        "--batch-sizes",
+        "1,2",
+        "--hidden-sizes",
+        "2,4",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--modes",
+        "inference",
+        "--variants",
+        "reference",
+        "--plot",
+        str(plot),
+    )
+    assert code == 0
+    assert payload["sweep"]["batch"]["values"] == [1, 2]
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_bench_plot(bench: ModuleType, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "bench.png"
+    assert bench.main([*TINY, "--warmup", "0", "--variants", "reference", "--plot", str(plot)]) == 0
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_without_matplotlib_fails_early(
+    bench: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "matplotlib" else real_find_spec(name, *args),
+    )
+    assert bench.main([*TINY, "--plot", str(tmp_path / "x.png")]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_bench_cuda_without_gpu_is_a_clear_error(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench.main([*TINY, "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_summarize_quartiles() -> None:
+    utils = _load("_bench_utils")
+    assert utils.summarize([2.0]) == {"median": 2.0, "q1": 2.0, "q3": 2.0, "min": 2.0, "max": 2.0}
+    stats = utils.summarize([3.0, 1.0, 2.0])
+    assert (stats["q1"], stats["median"], stats["q3"]) == (1.5, 2.0, 2.5)
+
+
+def test_result_files_are_named_by_device_and_date(tmp_path: Path) -> None:
+    utils = _load("_bench_utils")
+    env = {"device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "date": "2026-01-31T10:00"}
+    assert utils.result_path(tmp_path, env).name == "cuda-nvidia-h100-80gb-hbm3-2026-01-31.json"
+    assert utils.result_path(tmp_path / "x.json", env) == tmp_path / "x.json"
+    utils.write_json(tmp_path / "r.json", {"nan": float("nan"), "t": (1.23456789, 2)})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"nan": None, "t": [1.23457, 2]}
+
+
+# ------------------------------------------------------------------------------------------------
+# train_adding.py
+
+TINY_ADDING = [
+    "--seq-len",
+    "6",
+    "--batch-size",
+    "4",
+    "--hidden-size",
+    "8",
+    "--steps",
+    "5",
+    "--eval-size",
+    "8",
+    "--log-every",
+    "2",
+    "--check-steps",
+    "5",
+]
+
+
+def test_adding_batch_has_two_markers(adding: ModuleType) -> None:
+    generator = torch.Generator().manual_seed(0)
+    inputs, targets = adding.adding_batch(generator, 10, 16, torch.device("cpu"), torch.float64)
+    assert inputs.shape == (10, 16, 2) and targets.shape == (16,)
+    markers = inputs[:, :, 1]
+    assert torch.equal(markers.sum(0), torch.full((16,), 2.0, dtype=torch.float64))
+    assert torch.equal(markers[:5].sum(0), torch.ones(16, dtype=torch.float64))
+    torch.testing.assert_close((inputs[:, :, 0] * markers).sum(0), targets)
+
+
+def test_train_adding_json(adding: ModuleType, tmp_path: Path) -> None:
+    path = tmp_path / "adding.json"
+    assert adding.main([*TINY_ADDING, "--json", str(path)]) == 0
+    payload = json.loads(path.read_text())
+    _assert_finite(payload)
+    assert payload["schema"] == adding.SCHEMA
+    assert set(payload["losses"]) == {"torch", "lstm_ext", "rnn"}
+    assert all(len(curve) == 5 for curve in payload["losses"].values())
+    # Same weights, same batches: the first loss is the same computation on both.
+    assert payload["losses"]["lstm_ext"][0] == pytest.approx(
+        payload["losses"]["torch"][0], abs=1e-6
+    )
+    agreement = payload["summary"]["loss_agreement"]
+    assert agreement["ok"] is True
+    assert agreement["max_abs_diff_checked"] < 1e-4
+    for record in payload["summary"]["models"].values():
+        assert record["step_ms"]["median"] > 0
+        assert record["eval_mse"] >= 0
+    assert payload["summary"]["speedup_vs_torch"]["median"] > 0
+    assert payload["env"]["threads"] > 0
+
+
+def test_train_adding_divergence_fails(adding: ModuleType) -> None:
+    # A negative tolerance cannot be met: the script must say so through its exit status.
+    assert adding.main([*TINY_ADDING, "--no-rnn", "--tolerance", "-1"]) == 1
+
+
+def test_train_adding_plot(adding: ModuleType, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "adding.png"
+    assert adding.main([*TINY_ADDING, "--no-rnn", "--plot", str(plot)]) == 0
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_train_adding_cuda_without_gpu_is_a_clear_error(
+    adding: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert adding.main([*TINY_ADDING, "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err

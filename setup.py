@@ -116,7 +116,9 @@ def _extension():
 
     # Python's own CFLAGS carry -g: ~20 s more per build and a 50x larger library. -g0 undoes it.
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    cxx_flags = [*opt, "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inline in torch's headers and runs on one thread unless the
+    # extension itself is compiled with OpenMP. libgomp.so.1 then resolves to the copy torch loaded.
+    cxx_flags = [*opt, "-fvisibility=hidden", "-fopenmp"]
     macros = [
         ("LSTM_EXT_WITH_CUDA", "1" if with_cuda else "0"),
         ("LSTM_EXT_CUDA_ARCHS", f'"{archs}"'),
@@ -134,10 +136,15 @@ def _extension():
     ]
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "lstm_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, define_macros=macros
+            "lstm_ext._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+            define_macros=macros,
         )
-    sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-    sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    for pattern in ("*.cu", "*.cpp"):
+        found = glob.glob(os.path.join(ROOT, "csrc", "cuda", pattern))
+        sources += sorted(os.path.relpath(p, ROOT) for p in found)
     nvcc_flags = [*(["-O0", "-g", "-G"] if debug else ["-O3"]), "--expt-relaxed-constexpr"]
     for include in _cuda_wheel_include_dirs():
         cxx_flags += ["-isystem", include]
@@ -146,6 +153,7 @@ def _extension():
         "lstm_ext._C",
         sources,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
         define_macros=macros,
     )
 

@@ -58,7 +58,7 @@ constexpr int64_t kTileRows = kVecWidth == 16 ? 6 : 2;
 // (kBlockK x kPanelWidth) stay in L1/L2 while the row tiles of the block pass over every panel.
 // Tuned on an AMD Zen 4 core (32 KB L1d, 1 MB L2); the macros let a benchmark try others.
 #ifndef LSTM_GEMM_BLOCK_K
-#define LSTM_GEMM_BLOCK_K 128
+#define LSTM_GEMM_BLOCK_K 512
 #endif
 #ifndef LSTM_GEMM_BLOCK_ROWS
 #define LSTM_GEMM_BLOCK_ROWS 48

@@ -84,11 +84,10 @@ struct LstmForwardOutput {
 
 class FusedFloatBackend final : public StepBackend {
  public:
-  FusedFloatBackend(const PointwiseKernels& kernels, bool packed_matmul)
-      : StepBackend(kernels), packed_matmul_(packed_matmul) {}
+  explicit FusedFloatBackend(const PointwiseKernels& kernels) : StepBackend(kernels) {}
 
   void matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate) override {
-    if (!packed_matmul_ || a.size(1) == 0 || !out.is_contiguous()) {
+    if (a.size(1) == 0 || !out.is_contiguous()) {
       StepBackend::matmul(a, b, out, accumulate);
       return;
     }
@@ -149,14 +148,12 @@ class FusedFloatBackend final : public StepBackend {
   }
 
  private:
-  bool packed_matmul_;
   int64_t hidden_ = 0;
   PackedB packed_w_hh_;
 };
 
-inline std::unique_ptr<StepBackend> make_fused_float_backend(const PointwiseKernels& kernels,
-                                                             bool packed_matmul) {
-  return std::make_unique<FusedFloatBackend>(kernels, packed_matmul);
+inline std::unique_ptr<StepBackend> make_fused_float_backend(const PointwiseKernels& kernels) {
+  return std::make_unique<FusedFloatBackend>(kernels);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -11,10 +11,7 @@ struct CpuKernelSet {
   const char* name = "DEFAULT";  // the instruction set, as lstm_ext.build_info() reports it
   PointwiseKernels pointwise{};
   // The fused float32 StepBackend, or null where this instruction set has none.
-  std::unique_ptr<StepBackend> (*make_float_backend)(const PointwiseKernels&, bool packed_matmul) =
-      nullptr;
-  // Whether the packed GEMM beats ATen's (MKL's) for the large GEMMs on this instruction set.
-  bool packed_matmul = false;
+  std::unique_ptr<StepBackend> (*make_float_backend)(const PointwiseKernels&) = nullptr;
 };
 
 // Each returns false when its file was compiled without that instruction set (another compiler or

@@ -28,9 +28,6 @@ bool avx2_kernel_set(CpuKernelSet* set) {
   set->name = "AVX2";
   set->pointwise = {&AVX2::forward_step, &AVX2::backward_step};
   set->make_float_backend = &AVX2::make_fused_float_backend;
-  // With two-row tiles (all AVX2's 16 registers allow) the packed GEMM trails MKL on large GEMMs;
-  // it is kept for the fused per-step GEMM only.
-  set->packed_matmul = false;
   return true;
 }
 

@@ -37,7 +37,6 @@ bool avx512_kernel_set(CpuKernelSet* set) {
   set->name = "AVX512";
   set->pointwise = {&AVX512::forward_step, &AVX512::backward_step};
   set->make_float_backend = &AVX512::make_fused_float_backend;
-  set->packed_matmul = true;
   return true;
 }
 

@@ -51,7 +51,7 @@ const CpuKernelSet& kernel_set() {
 std::unique_ptr<StepBackend> make_backend(const at::Tensor& input) {
   const CpuKernelSet& set = kernel_set();
   if (input.scalar_type() == at::kFloat && set.make_float_backend != nullptr) {
-    return set.make_float_backend(set.pointwise, set.packed_matmul);
+    return set.make_float_backend(set.pointwise);
   }
   return std::make_unique<StepBackend>(set.pointwise);
 }

@@ -2,24 +2,32 @@
 // the end of cpu/lstm_ops.cpp and cuda/lstm_ops.cpp; fake (meta) kernels and autograd formulas in
 // lstm_ext/ops.py.
 //
-// Shapes: T time, N batch, C input size, H hidden size. Forward ops take the weights as
-// torch.nn.LSTM stores them: w_ih [4H, C], w_hh [4H, H], b_ih/b_hh [4H].
+// Shapes: T time, N batch, C input size, H hidden size, P projection size (P = H without
+// projections). Forward ops take the weights as torch.nn.LSTM stores them: w_ih [4H, C],
+// w_hh [4H, P], b_ih/b_hh [4H], w_hr [P, H] (proj_size > 0 only).
 #include <torch/library.h>
 
 TORCH_LIBRARY(lstm_ext, m) {
-  // One layer, one direction, the whole sequence: input [T, N, C], h0/c0 [N, H] ->
-  // output [T, N, H], h_n [N, H], c_n [N, H], and what backward needs when training
-  // (activated gates [T, N, 4H], cell states [T, N, H]; empty otherwise).
+  // One layer, one direction, the whole sequence: input [T, N, C], h0 [N, P], c0 [N, H] ->
+  // output [T, N, P], h_n [N, P], c_n [N, H], and what backward needs when training (activated
+  // gates [T, N, 4H], cell states [T, N, H], with w_hr the un-projected o * tanh(c) [T, N, H];
+  // empty otherwise). With w_hr [P, H] each step's h_t is projected (LSTM with projections).
+  // With batch_sizes (a PackedSequence's, int64 on the CPU, [T]) the input is packed, [rows, C],
+  // and so are output and the saved tensors; h_n/c_n are each sequence's state after its own last
+  // step.
   m.def(
       "lstm_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-      "Tensor? b_hh, bool reverse, bool training) -> (Tensor output, Tensor h_n, Tensor c_n, "
-      "Tensor saved_gates, Tensor saved_cells)");
-  // Gradients of lstm_forward; grad_bias [4H] is the gradient of b_ih and of b_hh.
+      "Tensor? b_hh, bool reverse, bool training, Tensor? w_hr=None, Tensor? batch_sizes=None) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor saved_gates, Tensor saved_cells, "
+      "Tensor saved_hidden)");
+  // Gradients of lstm_forward; grad_bias [4H] is the gradient of b_ih and of b_hh; grad_w_hr is
+  // empty without w_hr.
   m.def(
       "_lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
       "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor output, Tensor saved_gates, "
-      "Tensor saved_cells, bool reverse) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
-      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+      "Tensor saved_cells, bool reverse, Tensor? w_hr=None, Tensor? batch_sizes=None, "
+      "Tensor? saved_hidden=None) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
   // One step, as torch.nn.LSTMCell: input [N, C], hx/cx [N, H] -> h [N, H], c [N, H], and the
   // activated gates [N, 4H] when training (empty otherwise).
   m.def(

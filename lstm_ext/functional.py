@@ -4,7 +4,9 @@
 :func:`lstm_cell` those of ``torch._VF.lstm_cell``, so the modules are thin. Both answer the mistakes
 that the ATen LSTM checks catch with ATen's exception types and messages.
 
-Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``L`` layers, ``D`` directions.
+Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``P`` projection size
+(``P = H`` without projections), ``L`` layers, ``D`` directions; ``rows`` the rows of a packed
+batch (the sum of its batch_sizes).
 """
 
 from __future__ import annotations
@@ -64,30 +66,40 @@ def lstm(
     train: bool,
     bidirectional: bool,
     batch_first: bool,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A stacked, optionally bidirectional LSTM running the fused ``lstm_ext::lstm_forward`` op.
 
     Args:
-        input: ``[T, N, C]``, or ``[N, T, C]`` if batch_first.
-        hx: (h0, c0), each ``[L*D, N, H]``.
+        input: ``[T, N, C]``, or ``[N, T, C]`` if batch_first; with batch_sizes, a packed batch
+            ``[rows, C]`` (a ``PackedSequence``'s data; batch_first is then ignored).
+        hx: (h0 ``[L*D, N, P]``, c0 ``[L*D, N, H]``).
         weights: ``torch.nn.LSTM``'s flat weight list (``_flat_weights``): per layer, per
-            direction, w_ih ``[4H, C_l]``, w_hh ``[4H, H]``, then b_ih, b_hh ``[4H]`` if has_biases.
+            direction, w_ih ``[4H, C_l]``, w_hh ``[4H, P]``, then b_ih, b_hh ``[4H]`` if
+            has_biases, then w_hr ``[P, H]`` for an LSTM with projections (which the length of
+            the list tells).
         dropout: probability of zeroing each output of every layer but the last, when train.
+        batch_sizes: a ``PackedSequence``'s batch_sizes ``[T]`` (int64, CPU), or None.
 
     Returns:
-        (output ``[T, N, D*H]`` or ``[N, T, D*H]``, h_n ``[L*D, N, H]``, c_n ``[L*D, N, H]``).
+        (output ``[T, N, D*P]`` or ``[N, T, D*P]``, packed: ``[rows, D*P]``; h_n ``[L*D, N, P]``;
+        c_n ``[L*D, N, H]``), the final states taken at each sequence's own last step.
     """
     if len(hx) != 2:
         raise RuntimeError("lstm expects two hidden states")
     h0, c0 = hx
     directions = 2 if bidirectional else 1
     per_cell = 4 if has_biases else 2
-    if len(weights) != num_layers * directions * per_cell:
+    cells = num_layers * directions
+    if len(weights) == cells * (per_cell + 1):
+        per_cell += 1  # w_hr: an LSTM with projections
+    elif len(weights) != cells * per_cell:
         raise ValueError(
-            f"lstm_ext.functional.lstm: expected {num_layers * directions * per_cell} weight "
-            f"tensors for num_layers={num_layers}, bidirectional={bidirectional}, "
-            f"has_biases={has_biases}, got {len(weights)}"
+            f"lstm_ext.functional.lstm: expected {cells * per_cell} weight tensors (or "
+            f"{cells * (per_cell + 1)} with projections) for num_layers={num_layers}, "
+            f"bidirectional={bidirectional}, has_biases={has_biases}, got {len(weights)}"
         )
+    projected = per_cell in (3, 5)
     # ATen's checks, in ATen's order.
     for state in (h0, c0):
         if state.device != input.device:
@@ -103,9 +115,12 @@ def lstm(
             )
     _check_matmul_dtype(h0, weights[1])
     _check_matmul_dtype(c0, weights[1])
-    x = input.transpose(0, 1) if batch_first else input
-    if x.size(0) == 0:
-        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    if batch_sizes is None:
+        x = input.transpose(0, 1) if batch_first else input
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    else:
+        x = input
 
     training = _needs_grad(input, h0, c0, *weights)
     layer_input = x
@@ -116,17 +131,18 @@ def lstm(
             index = layer * directions + direction
             w = weights[index * per_cell : (index + 1) * per_cell]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-            out, h, c, _, _ = ops.lstm_forward(
+            w_hr = w[-1] if projected else None
+            out, h, c, _, _, _ = ops.lstm_forward(
                 layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh,
-                reverse=direction == 1, training=training,
+                reverse=direction == 1, training=training, w_hr=w_hr, batch_sizes=batch_sizes,
             )
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
-        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
         if dropout > 0 and train and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
-    output = layer_input.transpose(0, 1) if batch_first else layer_input
+    output = layer_input.transpose(0, 1) if batch_first and batch_sizes is None else layer_input
     return output, torch.stack(h_n), torch.stack(c_n)
 
 

@@ -13,6 +13,8 @@ Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``L`` laye
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 from torch import Tensor
 from torch.nn.modules.rnn import RNNBase, RNNCellBase
@@ -27,11 +29,11 @@ class LSTM(RNNBase):
     """Multi-layer LSTM on fused kernels; a drop-in for :class:`torch.nn.LSTM`.
 
     Same constructor, parameters (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
-    ``bias_hh_l{k}``, ``*_reverse``), initialization, forward signature and return structure:
-    ``output, (h_n, c_n) = lstm(input, (h_0, c_0))`` with input ``[T, N, C]`` (``[N, T, C]`` if
-    batch_first) or unbatched ``[T, C]``; output ``[T, N, D*H]``; h_n, c_n ``[L*D, N, H]``.
-
-    Not yet supported: ``proj_size > 0`` and ``PackedSequence`` input (``NotImplementedError``).
+    ``bias_hh_l{k}``, ``weight_hr_l{k}`` with ``proj_size > 0``, ``*_reverse``), initialization,
+    forward signature and return structure: ``output, (h_n, c_n) = lstm(input, (h_0, c_0))`` with
+    input ``[T, N, C]`` (``[N, T, C]`` if batch_first), unbatched ``[T, C]``, or a
+    ``PackedSequence``; output ``[T, N, D*P]`` (a ``PackedSequence`` for packed input); h_n
+    ``[L*D, N, P]``, c_n ``[L*D, N, H]``, where ``P = proj_size`` or ``H`` without projections.
     """
 
     def __init__(
@@ -60,29 +62,73 @@ class LSTM(RNNBase):
             device=device,
             dtype=dtype,
         )
-        if self.proj_size > 0:
-            raise NotImplementedError(
-                "lstm_ext.LSTM does not support proj_size > 0 (LSTM with projections) yet; "
-                "use torch.nn.LSTM for projections"
-            )
+
+    def get_expected_cell_size(
+        self, input: Tensor, batch_sizes: Tensor | None
+    ) -> tuple[int, int, int]:
+        """The shape c_0 must have: ``[L*D, N, H]`` (h_0's is ``[L*D, N, P]``)."""
+        if batch_sizes is not None:
+            batch = int(batch_sizes[0])
+        else:
+            batch = input.size(0) if self.batch_first else input.size(1)
+        directions = 2 if self.bidirectional else 1
+        return (self.num_layers * directions, batch, self.hidden_size)
 
     def check_forward_args(  # type: ignore[override]
         self, input: Tensor, hidden: tuple[Tensor, Tensor], batch_sizes: Tensor | None
     ) -> None:
         """torch.nn.LSTM's checks: input dtype, rank and size, then the shapes of h_0 and c_0."""
         self.check_input(input, batch_sizes)
-        expected = self.get_expected_hidden_size(input, batch_sizes)
-        self.check_hidden_size(hidden[0], expected, "Expected hidden[0] size {}, got {}")
-        self.check_hidden_size(hidden[1], expected, "Expected hidden[1] size {}, got {}")
+        self.check_hidden_size(
+            hidden[0],
+            self.get_expected_hidden_size(input, batch_sizes),
+            "Expected hidden[0] size {}, got {}",
+        )
+        self.check_hidden_size(
+            hidden[1],
+            self.get_expected_cell_size(input, batch_sizes),
+            "Expected hidden[1] size {}, got {}",
+        )
 
-    def forward(  # type: ignore[override]
+    def permute_hidden(  # type: ignore[override]
+        self, hx: tuple[Tensor, Tensor], permutation: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Reorders the batch dimension of (h, c) by ``permutation``, as torch.nn.LSTM does."""
+        if permutation is None:
+            return hx
+        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
+
+    def flatten_parameters(self) -> None:
+        """Accepted for compatibility; does nothing.
+
+        torch.nn.LSTM packs its weights into one buffer for cuDNN; lstm_ext reads each parameter
+        as it is, so there is nothing to flatten.
+        """
+
+    def _zero_state(self, batch: int, input: Tensor) -> tuple[Tensor, Tensor]:
+        directions = 2 if self.bidirectional else 1
+        shape = (self.num_layers * directions, batch)
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        options = dict(dtype=input.dtype, device=input.device)
+        return (
+            torch.zeros(*shape, real_hidden, **options),
+            torch.zeros(*shape, self.hidden_size, **options),
+        )
+
+    @overload
+    def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]: ...
+
+    @overload
+    def forward(
+        self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]: ...
+
+    def forward(self, input, hx=None):  # type: ignore[override]
+        """Runs the LSTM; see the class docstring for shapes. Mirrors torch.nn.LSTM.forward."""
         if isinstance(input, PackedSequence):
-            raise NotImplementedError(
-                "lstm_ext.LSTM does not support PackedSequence input yet; pass a padded tensor "
-                "or use torch.nn.LSTM for packed sequences"
-            )
+            return self._forward_packed(input, hx)
         if input.dim() not in (2, 3):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
         is_batched = input.dim() == 3
@@ -90,16 +136,7 @@ class LSTM(RNNBase):
         if not is_batched:
             input = input.unsqueeze(batch_dim)
         if hx is None:
-            batch = input.size(0) if self.batch_first else input.size(1)
-            directions = 2 if self.bidirectional else 1
-            zeros = torch.zeros(
-                self.num_layers * directions,
-                batch,
-                self.hidden_size,
-                dtype=input.dtype,
-                device=input.device,
-            )
-            hx = (zeros, zeros)
+            hx = self._zero_state(input.size(0) if self.batch_first else input.size(1), input)
         else:
             expected_dim = 3 if is_batched else 2
             if hx[0].dim() != expected_dim or hx[1].dim() != expected_dim:
@@ -111,11 +148,35 @@ class LSTM(RNNBase):
             if not is_batched:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self.check_forward_args(input, hx, None)
+        output, h_n, c_n = self._run(input, hx, None)
+        if not is_batched:
+            return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
+        return output, (h_n, c_n)
 
+    def _forward_packed(
+        self, packed: PackedSequence, hx: tuple[Tensor, Tensor] | None
+    ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]:
+        data, batch_sizes, sorted_indices, unsorted_indices = packed
+        if hx is None:
+            hx = self._zero_state(int(batch_sizes[0]), data)
+        else:
+            # torch.nn.LSTM skips these checks for packed input and fails later inside ATen with
+            # RuntimeErrors about internals; the same checks as for padded input raise the same
+            # type with a message that names the shapes.
+            self.check_forward_args(data, hx, batch_sizes)
+            # hx is given in the caller's batch order; the kernels run in sorted order.
+            hx = self.permute_hidden(hx, sorted_indices)
+        output, h_n, c_n = self._run(data, hx, batch_sizes)
+        output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        return output_packed, self.permute_hidden((h_n, c_n), unsorted_indices)
+
+    def _run(
+        self, input: Tensor, hx: tuple[Tensor, Tensor], batch_sizes: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         # Read the parameters by name, not from the cached _flat_weights, so that
         # torch.func.functional_call and parametrizations see the tensors they substitute.
         weights = [getattr(self, name) for name in self._flat_weights_names]
-        output, h_n, c_n = functional.lstm(
+        return functional.lstm(
             input,
             hx,
             weights,
@@ -125,10 +186,8 @@ class LSTM(RNNBase):
             self.training,
             self.bidirectional,
             self.batch_first,
+            batch_sizes=batch_sizes,
         )
-        if not is_batched:
-            return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
-        return output, (h_n, c_n)
 
 
 class LSTMCell(RNNCellBase):

@@ -5,7 +5,8 @@ first-class PyTorch citizens: a fake (meta) kernel for each, so ``torch.compile`
 ``torch.library.opcheck`` can trace them, and an autograd formula for each forward op, which calls
 the matching private backward op. Double backward is refused with a clear error.
 
-Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size.
+Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``P`` projection size
+(``P = H`` without projections); ``rows`` the rows of a packed batch (the sum of its batch_sizes).
 """
 
 from __future__ import annotations
@@ -28,23 +29,32 @@ def lstm_forward(
     b_hh: Tensor | None,
     reverse: bool = False,
     training: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    w_hr: Tensor | None = None,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One LSTM layer in one direction over a whole sequence.
 
     Args:
-        input: ``[T, N, C]``. h0, c0: ``[N, H]``. w_ih: ``[4H, C]``. w_hh: ``[4H, H]``.
+        input: ``[T, N, C]``, or a packed batch ``[rows, C]`` when batch_sizes is given.
+        h0: ``[N, P]``. c0: ``[N, H]``. w_ih: ``[4H, C]``. w_hh: ``[4H, P]``.
         b_ih, b_hh: ``[4H]`` or both None.
         reverse: run the recurrence from ``t = T-1`` down to 0 (a bidirectional layer's second
             direction); ``output[t]`` is still the hidden state at time ``t``.
-        training: save the activated gates and cell states for backward. A call made with
-            ``training=False`` can still be differentiated: backward then recomputes them.
+        training: save what backward needs. A call made with ``training=False`` can still be
+            differentiated: backward then recomputes it.
+        w_hr: ``[P, H]`` projection weights (``torch.nn.LSTM(proj_size=P)``): each step's
+            ``h_t = (o * tanh(c_t)) w_hr^T``, which the next step's recurrent GEMM reads.
+        batch_sizes: ``[T]`` int64 on the CPU, a ``PackedSequence``'s: step ``t`` runs the first
+            ``batch_sizes[t]`` sequences (sorted by decreasing length).
 
     Returns:
-        ``(output [T, N, H], h_n [N, H], c_n [N, H], saved_gates, saved_cells)``; the last two are
-        ``[T, N, 4H]`` and ``[T, N, H]`` when training, empty otherwise.
+        ``(output, h_n [N, P], c_n [N, H], saved_gates, saved_cells, saved_hidden)``. output is
+        ``[T, N, P]`` (packed: ``[rows, P]``); h_n and c_n are each sequence's state after its
+        own last step. When training, saved_gates ``[T, N, 4H]``, saved_cells ``[T, N, H]`` and,
+        with w_hr, saved_hidden ``[T, N, H]`` (packed: ``[rows, ...]``); empty otherwise.
     """
     return torch.ops.lstm_ext.lstm_forward.default(
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, w_hr, batch_sizes
     )
 
 
@@ -73,24 +83,35 @@ def lstm_cell_forward(
 
 
 @torch.library.register_fake("lstm_ext::lstm_forward")
-def _lstm_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training):
-    steps, batch, _ = input.shape
-    hidden = w_hh.shape[1]
-    output = input.new_empty(steps, batch, hidden)
-    h_n = input.new_empty(batch, hidden)
+def _lstm_forward_fake(
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, w_hr=None, batch_sizes=None
+):
+    hidden = w_hr.shape[1] if w_hr is not None else w_hh.shape[1]
+    proj = w_hh.shape[1]
+    steps = input.shape[:-1]  # (T, N), or (rows,) when packed
+    batch = h0.shape[0]
+    output = input.new_empty(*steps, proj)
+    h_n = input.new_empty(batch, proj)
     c_n = input.new_empty(batch, hidden)
-    if training:
-        return output, h_n, c_n, input.new_empty(steps, batch, 4 * hidden), input.new_empty(
-            steps, batch, hidden
-        )
-    return output, h_n, c_n, input.new_empty(0), input.new_empty(0)
+    if not training:
+        return output, h_n, c_n, input.new_empty(0), input.new_empty(0), input.new_empty(0)
+    saved_hidden = input.new_empty(*steps, hidden) if w_hr is not None else input.new_empty(0)
+    return (
+        output,
+        h_n,
+        c_n,
+        input.new_empty(*steps, 4 * hidden),
+        input.new_empty(*steps, hidden),
+        saved_hidden,
+    )
 
 
 @torch.library.register_fake("lstm_ext::_lstm_backward")
 def _lstm_backward_fake(
     grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output, saved_gates, saved_cells,
-    reverse,
+    reverse, w_hr=None, batch_sizes=None, saved_hidden=None,
 ):
+    grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty(0)
     return (
         input.new_empty(input.shape),
         h0.new_empty(h0.shape),
@@ -98,6 +119,7 @@ def _lstm_backward_fake(
         w_ih.new_empty(w_ih.shape),
         w_hh.new_empty(w_hh.shape),
         w_hh.new_empty(w_hh.shape[0]),
+        grad_w_hr,
     )
 
 
@@ -126,11 +148,15 @@ def _lstm_cell_backward_fake(grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved
 
 
 def _lstm_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, _training = inputs
-    out, _h_n, _c_n, saved_gates, saved_cells = output
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, out, saved_gates, saved_cells)
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, _training, *rest = inputs
+    w_hr, batch_sizes = (list(rest) + [None, None])[:2]
+    out, _h_n, _c_n, saved_gates, saved_cells, saved_hidden = output
+    ctx.save_for_backward(
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, saved_gates, saved_cells,
+        saved_hidden,
+    )
     ctx.reverse = reverse
-    ctx.mark_non_differentiable(saved_gates, saved_cells)
+    ctx.mark_non_differentiable(saved_gates, saved_cells, saved_hidden)
     # Otherwise autograd would allocate zero gradients for the saved buffers too ([T, N, 4H]).
     ctx.set_materialize_grads(False)
 
@@ -146,26 +172,32 @@ def _lstm_forward_backward(
     grad_c_n: Tensor | None,
     *_saved: Tensor | None,
 ) -> tuple:
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, out, saved_gates, saved_cells = ctx.saved_tensors
+    (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, saved_gates, saved_cells,
+     saved_hidden) = ctx.saved_tensors
     if saved_gates.numel() == 0 and out.numel() > 0:
         # Called with training=False (nothing saved) yet differentiated: recompute what backward
         # needs rather than fail. The functional layer passes training=True whenever a gradient
         # may be needed, so this path is rare.
         with torch.no_grad():
-            out, _, _, saved_gates, saved_cells = lstm_forward(
-                input, h0, c0, w_ih, w_hh, b_ih, b_hh, ctx.reverse, training=True
+            out, _, _, saved_gates, saved_cells, saved_hidden = lstm_forward(
+                input, h0, c0, w_ih, w_hh, b_ih, b_hh, ctx.reverse, True, w_hr, batch_sizes
             )
     grad_output = _zeros_if_none(grad_output, out)
     grad_h_n = _zeros_if_none(grad_h_n, h0)
     grad_c_n = _zeros_if_none(grad_c_n, c0)
-    grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias = (
+    grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = (
         torch.ops.lstm_ext._lstm_backward.default(
             grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, out, saved_gates,
-            saved_cells, ctx.reverse,
+            saved_cells, ctx.reverse, w_hr, batch_sizes,
+            saved_hidden if w_hr is not None else None,
         )
     )
     grad_b = grad_bias if b_ih is not None else None
-    return grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b, None, None
+    grad_w_hr = grad_w_hr if w_hr is not None else None
+    return (
+        grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b, None, None, grad_w_hr,
+        None,
+    )
 
 
 def _lstm_cell_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:

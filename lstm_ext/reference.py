@@ -4,7 +4,9 @@ Same math as ``torch.nn.LSTM`` (gate order i, f, g, o) and the same calling conv
 :func:`lstm_ext.functional.lstm`, with the input projection hoisted out of the time loop as the fused
 kernels do. Autograd differentiates it, to any order. It is itself tested equal to ``torch.nn.LSTM``.
 
-Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``L`` layers, ``D`` directions.
+Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``P`` projection size
+(``P = H`` without projections), ``L`` layers, ``D`` directions; ``rows`` the rows of a packed
+batch (the sum of its batch_sizes).
 """
 
 from __future__ import annotations
@@ -50,23 +52,42 @@ def lstm_layer(
     b_ih: Tensor | None = None,
     b_hh: Tensor | None = None,
     reverse: bool = False,
+    w_hr: Tensor | None = None,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer, one direction: input ``[T, N, C]`` -> (output ``[T, N, H]``, h_n, c_n)."""
+    """One layer, one direction: input ``[T, N, C]`` -> (output ``[T, N, P]``, h_n, c_n).
+
+    With w_hr ``[P, H]`` each step's h is projected; with batch_sizes the input is a packed batch
+    ``[rows, C]`` (step t runs the first ``batch_sizes[t]`` sequences) and so is the output, and
+    h_n / c_n hold each sequence's state after its own last step.
+    """
     projected = input @ w_ih.t()
     if b_ih is not None:
         projected = projected + (b_ih + b_hh)
-    # unbind, not projected[t]: indexing in the loop makes autograd's backward quadratic in T.
-    steps = projected.unbind(0)
-    if reverse:
-        steps = steps[::-1]
+    batch = h0.size(0)
+    if batch_sizes is None:
+        # unbind, not projected[t]: indexing in the loop makes autograd's backward quadratic in T.
+        steps = list(projected.unbind(0))
+        sizes = [batch] * len(steps)
+    else:
+        sizes = [int(n) for n in batch_sizes]
+        steps = list(projected.split(sizes))
+    order = range(len(steps) - 1, -1, -1) if reverse else range(len(steps))
     h, c = h0, c0
-    outputs = []
-    for step in steps:
-        h, c = _cell_update(step + h @ w_hh.t(), c)
-        outputs.append(h)
-    if reverse:
-        outputs.reverse()
-    return torch.stack(outputs), h, c
+    outputs: list[Tensor] = [h0] * len(steps)
+    for t in order:
+        rows = sizes[t]
+        h_t, c_t = _cell_update(steps[t] + h[:rows] @ w_hh.t(), c[:rows])
+        if w_hr is not None:
+            h_t = h_t @ w_hr.t()
+        outputs[t] = h_t
+        if rows < batch:
+            # Rows past this step's batch keep their state: sequences that have ended keep their
+            # final state, those that start later (reverse direction) their initial state.
+            h_t, c_t = torch.cat([h_t, h[rows:]]), torch.cat([c_t, c[rows:]])
+        h, c = h_t, c_t
+    output = torch.stack(outputs) if batch_sizes is None else torch.cat(outputs)
+    return output, h, c
 
 
 def lstm(
@@ -79,22 +100,29 @@ def lstm(
     train: bool,
     bidirectional: bool,
     batch_first: bool,
+    batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A stacked, optionally bidirectional LSTM; the arguments of ``torch._VF.lstm``.
 
     Args:
-        input: ``[T, N, C]`` (``[N, T, C]`` if batch_first).
-        hx: (h0, c0), each ``[L*D, N, H]``.
+        input: ``[T, N, C]`` (``[N, T, C]`` if batch_first), or with batch_sizes a packed batch
+            ``[rows, C]``.
+        hx: (h0 ``[L*D, N, P]``, c0 ``[L*D, N, H]``).
         weights: ``torch.nn.LSTM``'s flat weight list, layer by layer, direction by direction:
-            w_ih, w_hh, then b_ih, b_hh if has_biases.
+            w_ih, w_hh, then b_ih, b_hh if has_biases, then w_hr with projections.
+        batch_sizes: a ``PackedSequence``'s batch_sizes, or None.
 
     Returns:
-        (output ``[T, N, D*H]`` or ``[N, T, D*H]``, h_n ``[L*D, N, H]``, c_n ``[L*D, N, H]``).
+        (output ``[T, N, D*P]`` or ``[N, T, D*P]``, packed ``[rows, D*P]``; h_n ``[L*D, N, P]``;
+        c_n ``[L*D, N, H]``).
     """
     directions = 2 if bidirectional else 1
     per_cell = 4 if has_biases else 2
+    projected = len(weights) == num_layers * directions * (per_cell + 1)
+    per_cell += int(projected)
     h0, c0 = hx
-    layer_input = input.transpose(0, 1) if batch_first else input
+    packed = batch_sizes is not None
+    layer_input = input.transpose(0, 1) if batch_first and not packed else input
     h_n, c_n = [], []
     for layer in range(num_layers):
         outputs = []
@@ -103,13 +131,14 @@ def lstm(
             w = list(weights[index * per_cell : (index + 1) * per_cell])
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             out, h, c = lstm_layer(
-                layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh, reverse=direction == 1
+                layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh,
+                reverse=direction == 1, w_hr=w[-1] if projected else None, batch_sizes=batch_sizes,
             )
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
-        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
         if dropout > 0 and train and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
-    output = layer_input.transpose(0, 1) if batch_first else layer_input
+    output = layer_input.transpose(0, 1) if batch_first and not packed else layer_input
     return output, torch.stack(h_n), torch.stack(c_n)

@@ -53,6 +53,23 @@ PARITY_SCRIPT = textwrap.dedent(
             with torch.no_grad():
                 torch.testing.assert_close(ours(x, (h0, c0))[0], theirs(x, (h0, c0))[0],
                                            rtol=tol, atol=tol)
+    # Projections and packed batches (the fused path's W_hh is [4H, P]; packed steps shrink).
+    from torch.nn.utils.rnn import pack_padded_sequence
+    for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
+        for P, packed in ((5, False), (0, True), (3, True)):
+            theirs = torch.nn.LSTM(6, 21, 2, bidirectional=True, proj_size=P, dtype=dtype)
+            ours = lstm_ext.LSTM(6, 21, 2, bidirectional=True, proj_size=P, dtype=dtype)
+            ours.load_state_dict(theirs.state_dict())
+            padded = torch.randn(7, 5, 6, dtype=dtype, requires_grad=True)
+            results = []
+            for m in (theirs, ours):
+                x = pack_padded_sequence(padded, [7, 3, 6, 1, 7], enforce_sorted=False) if packed else padded
+                out, (h, c) = m(x)
+                out = out.data if packed else out
+                loss = out.square().sum() + 2 * h.sum() + c.square().sum()
+                results.append((out, h, c, *torch.autograd.grad(loss, [padded, *m.parameters()])))
+            for e, a in zip(*results):
+                torch.testing.assert_close(a, e, rtol=tol, atol=tol)
     print("ok")
     """
 )

@@ -304,7 +304,7 @@ def test_lstm_forward_gradcheck_cuda(reverse, bias):
     args = _layer_args(bias=bias, requires_grad=True)
 
     def f(*tensors):
-        out, h_n, c_n, _, _ = ops.lstm_forward(*tensors, reverse=reverse, training=True)
+        out, h_n, c_n, *_ = ops.lstm_forward(*tensors, reverse=reverse, training=True)
         return out, h_n, c_n
 
     assert torch.autograd.gradcheck(f, args)
@@ -334,7 +334,7 @@ def test_opcheck_lstm_forward_cuda(training, reverse):
 @needs_gpu
 def test_opcheck_lstm_backward_cuda():
     args = _layer_args()
-    out, h_n, c_n, gates, cells = ops.lstm_forward(*args, reverse=True, training=True)
+    out, h_n, c_n, gates, cells, _ = ops.lstm_forward(*args, reverse=True, training=True)
     grads = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n))
     torch.library.opcheck(
         torch.ops.lstm_ext._lstm_backward.default, (*grads, *args[:5], out, gates, cells, True)
@@ -378,7 +378,7 @@ def test_grid_stride_loop_covers_more_units_than_threads():
     # The kernels launch at most 4096 blocks of 256 threads (2^20 threads); N x H above that makes
     # every thread walk several units, and an odd H makes the walk wrap across rows.
     args = _layer_args(steps=2, batch=1000, features=4, hidden=1111, requires_grad=True)
-    out, h_n, c_n, _, _ = ops.lstm_forward(*args, reverse=False, training=True)
+    out, h_n, c_n, *_ = ops.lstm_forward(*args, reverse=False, training=True)
     ref_out, ref_h, ref_c = reference.lstm_layer(*args)
     for a, e, name in ((out, ref_out, "output"), (h_n, ref_h, "h_n"), (c_n, ref_c, "c_n")):
         _assert_close(a, e, torch.float64, name)

@@ -284,15 +284,6 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_not_yet_supported_features_raise_clearly():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        lstm_ext.LSTM(4, 6, proj_size=3)
-    lstm = lstm_ext.LSTM(4, 6)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 4), [5, 3])
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
-        lstm(packed)
-
-
 def test_grad_only_for_some_inputs():
     # Only h_n used, weights frozen: the unused outputs' gradients are absent (not materialized).
     theirs, ours = paired_lstms(torch.float64, input_size=3, hidden_size=4, num_layers=2)

@@ -28,7 +28,7 @@ def _layer_args(steps=4, batch=3, features=5, hidden=6, bias=True, dtype=torch.f
 @pytest.mark.parametrize("bias", [True, False])
 def test_lstm_forward_matches_reference(dtype, reverse, bias):
     args = _layer_args(bias=bias, dtype=dtype, requires_grad=True)
-    out, h_n, c_n, saved_gates, saved_cells = ops.lstm_forward(*args, reverse=reverse, training=True)
+    out, h_n, c_n, saved_gates, saved_cells, saved_hidden = ops.lstm_forward(*args, reverse=reverse, training=True)
     ref_out, ref_h, ref_c = reference.lstm_layer(*args, reverse=reverse)
     tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(out, ref_out, **tol)
@@ -53,7 +53,7 @@ def test_inference_saves_nothing_and_matches_training():
 
 def test_backward_of_inference_call_is_refused():
     args = _layer_args()
-    out, h_n, c_n, gates, cells = ops.lstm_forward(*args, reverse=False, training=False)
+    out, h_n, c_n, gates, cells, _ = ops.lstm_forward(*args, reverse=False, training=False)
     grads = (torch.ones_like(out), torch.zeros_like(h_n), torch.zeros_like(c_n))
     with pytest.raises(RuntimeError, match="training=False"):
         torch.ops.lstm_ext._lstm_backward(*grads, *args[:5], out, gates, cells, False)
@@ -65,7 +65,7 @@ def test_lstm_forward_gradcheck(reverse, bias):
     args = _layer_args(steps=3, batch=2, features=3, hidden=4, bias=bias, requires_grad=True)
 
     def f(*tensors):
-        out, h_n, c_n, _, _ = ops.lstm_forward(*tensors, reverse=reverse, training=True)
+        out, h_n, c_n, *_ = ops.lstm_forward(*tensors, reverse=reverse, training=True)
         return out, h_n, c_n
 
     assert torch.autograd.gradcheck(f, args)
@@ -85,7 +85,7 @@ def test_lstm_cell_forward_gradcheck(bias):
 
 def _backward_args(reverse=False):
     args = _layer_args()
-    out, h_n, c_n, gates, cells = ops.lstm_forward(*args, reverse=reverse, training=True)
+    out, h_n, c_n, gates, cells, _ = ops.lstm_forward(*args, reverse=reverse, training=True)
     grads = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n))
     return (*grads, *args[:5], out, gates, cells, reverse)
 
@@ -197,6 +197,134 @@ def test_lstm_cell_forward_rejects_bad_input():
         torch.ops.lstm_ext.lstm_cell_forward(x[0], hx, cx, w_ih, w_hh, b_ih, b_hh, training)
     with pytest.raises(RuntimeError, match=r"expected hx of shape \[N, H\] = \[3, 6\], got \[3, 2\]"):
         torch.ops.lstm_ext.lstm_cell_forward(x, hx[:, :2], cx, w_ih, w_hh, b_ih, b_hh, training)
+
+
+# ---------------------------------------------------------------------------------------------
+# Projections (w_hr) and packed batches (batch_sizes).
+
+BATCH_SIZES = torch.tensor([4, 4, 3, 1, 1])  # T = 5, N = 4: sequence lengths 5, 3, 3, 2
+
+
+def _extended_args(proj, packed, dtype=torch.float64, requires_grad=False, hidden=6, features=5):
+    """(input, h0, c0, w_ih, w_hh, b_ih, b_hh), w_hr, batch_sizes for one layer."""
+    batch, steps = 4, len(BATCH_SIZES)
+    width = proj or hidden
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=dtype) * scale).requires_grad_(requires_grad)
+
+    rows = int(BATCH_SIZES.sum()) if packed else None
+    x = make(rows, features) if packed else make(steps, batch, features)
+    args = (x, make(batch, width), make(batch, hidden), make(4 * hidden, features, scale=0.5),
+            make(4 * hidden, width, scale=0.5), make(4 * hidden), make(4 * hidden))
+    w_hr = make(proj, hidden, scale=0.5) if proj else None
+    return args, w_hr, (BATCH_SIZES if packed else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("proj,packed", [(3, False), (0, True), (2, True)])
+def test_projection_and_packed_match_reference(dtype, reverse, proj, packed):
+    args, w_hr, batch_sizes = _extended_args(proj, packed, dtype, requires_grad=True)
+    out, h_n, c_n, gates, cells, hidden = ops.lstm_forward(
+        *args, reverse, True, w_hr, batch_sizes
+    )
+    ref = reference.lstm_layer(*args, reverse=reverse, w_hr=w_hr, batch_sizes=batch_sizes)
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for a, e in zip((out, h_n, c_n), ref):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e, **tol)
+    rows = out.shape[:-1]
+    assert gates.shape == (*rows, 24) and cells.shape == (*rows, 6)
+    assert hidden.shape == ((*rows, 6) if proj else (0,))
+    inputs = [a for a in (*args, w_hr) if a is not None]
+    grads = torch.autograd.grad(out.square().sum() + h_n.sum() + 2 * c_n.sum(), inputs)
+    ref_grads = torch.autograd.grad(ref[0].square().sum() + ref[1].sum() + 2 * ref[2].sum(), inputs)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **tol)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("proj,packed", [(2, False), (0, True), (2, True)])
+def test_projection_and_packed_gradcheck(reverse, proj, packed):
+    args, w_hr, batch_sizes = _extended_args(proj, packed, requires_grad=True, hidden=3, features=2)
+    tensors = (*args, w_hr) if proj else args
+
+    def f(*t):
+        out, h_n, c_n, *_ = ops.lstm_forward(
+            *t[:7], reverse, True, t[7] if proj else None, batch_sizes
+        )
+        return out, h_n, c_n
+
+    assert torch.autograd.gradcheck(f, tensors)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("proj,packed", [(3, False), (0, True), (2, True)])
+def test_opcheck_projection_and_packed(training, reverse, proj, packed):
+    args, w_hr, batch_sizes = _extended_args(proj, packed, requires_grad=training)
+    torch.library.opcheck(
+        torch.ops.lstm_ext.lstm_forward.default, (*args, reverse, training, w_hr, batch_sizes)
+    )
+    if training:
+        detached = [a.detach() for a in args]
+        w_hr = w_hr.detach() if w_hr is not None else None
+        out, h_n, c_n, gates, cells, hidden = ops.lstm_forward(
+            *detached, reverse, True, w_hr, batch_sizes
+        )
+        grads = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n))
+        torch.library.opcheck(
+            torch.ops.lstm_ext._lstm_backward.default,
+            (*grads, *detached[:5], out, gates, cells, reverse, w_hr, batch_sizes,
+             hidden if w_hr is not None else None),
+        )
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda a: {**a, "w_hr": a["w_hr"][:, :4]},
+         r"expected w_hh of shape \[4H, P\] = \[16, 3\], got \[24, 3\]"),
+        (lambda a: {**a, "w_hr": a["w_hr"][0]}, r"expected w_hr of shape \[P, H\], got \[6\]"),
+        (lambda a: {**a, "h0": a["h0"][:, :2]},
+         r"expected h0 of shape \[N, P\] = \[4, 3\], got \[4, 2\]"),
+        (lambda a: {**a, "w_hr": a["w_hr"].float()}, r"w_hr has dtype Float but input has dtype Double"),
+    ],
+)
+def test_projection_rejects_bad_input(mutate, message):
+    (x, h0, c0, w_ih, w_hh, b_ih, b_hh), w_hr, _ = _extended_args(3, packed=False)
+    names = ["input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr"]
+    args = mutate(dict(zip(names, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))))
+    with pytest.raises(RuntimeError, match=r"lstm_ext::lstm_forward: " + message):
+        torch.ops.lstm_ext.lstm_forward(*(args[n] for n in names[:7]), False, False, args["w_hr"])
+
+
+@pytest.mark.parametrize(
+    "batch_sizes,message",
+    [
+        (torch.tensor([4, 4, 3, 2, 1]), r"batch_sizes sum to 14 rows but the packed input has 13"),
+        (torch.tensor([4, 3, 4, 1, 1]), r"positive and non-increasing, got 4 at step 2 after 3"),
+        (torch.tensor([4, 4, 3, 1, 1, 0]), r"positive and non-increasing, got 0 at step 5"),
+        (torch.tensor([4, 4, 3, 1, 1], dtype=torch.int32), r"1-D int64 tensor on the CPU"),
+        (torch.tensor([], dtype=torch.long), r"at least one step"),
+        (torch.tensor([5, 4, 2, 1, 1]), r"expected h0 of shape \[N, H\] = \[5, 6\], got \[4, 6\]"),
+    ],
+)
+def test_packed_rejects_bad_batch_sizes(batch_sizes, message):
+    args, _, _ = _extended_args(0, packed=True)
+    with pytest.raises(RuntimeError, match=r"lstm_ext::lstm_forward: .*" + message):
+        torch.ops.lstm_ext.lstm_forward(*args, False, False, None, batch_sizes)
+    with pytest.raises(RuntimeError, match=r"with batch_sizes, expected packed input of shape"):
+        torch.ops.lstm_ext.lstm_forward(args[0][None], *args[1:], False, False, None, BATCH_SIZES)
+
+
+def test_projection_backward_requires_saved_hidden():
+    args, w_hr, _ = _extended_args(3, packed=False)
+    out, h_n, c_n, gates, cells, hidden = ops.lstm_forward(*args, False, True, w_hr)
+    grads = (torch.ones_like(out), torch.zeros_like(h_n), torch.zeros_like(c_n))
+    with pytest.raises(RuntimeError, match="saved_hidden from the forward pass is required"):
+        torch.ops.lstm_ext._lstm_backward(*grads, *args[:5], out, gates, cells, False, w_hr)
 
 
 def test_build_info_reports_backends():

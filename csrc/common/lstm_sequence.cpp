@@ -4,6 +4,8 @@
 #include <ATen/record_function.h>
 #include <c10/util/irange.h>
 
+#include <algorithm>
+#include <string>
 #include <vector>
 
 namespace lstm_ext {
@@ -37,6 +39,14 @@ void StepBackend::recurrent_gradient(const at::Tensor& d_gates, at::Tensor& d_h)
   at::mm_out(d_h, d_gates, w_hh_);
 }
 
+void StepBackend::project(const at::Tensor& hidden, at::Tensor& h) {
+  at::mm_out(h, hidden, w_hr_.t());
+}
+
+void StepBackend::project_backward(const at::Tensor& d_h, at::Tensor& d_hidden) {
+  at::mm_out(d_hidden, d_h, w_hr_);
+}
+
 namespace {
 
 // ---------------------------------------------------------------------------------------------
@@ -57,15 +67,33 @@ void check_shape(const char* op, const at::Tensor& t, const char* name, at::IntA
               expected, ", got ", t.sizes());
 }
 
-// Checks the weights and biases against input features C; returns H.
-int64_t check_weights(const char* op, const at::Tensor& input, int64_t input_features,
-                      const at::Tensor& w_ih, const at::Tensor& w_hh,
-                      const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+
+// Sizes of one layer's weights: H hidden units, P = the width of h_t (H without projections).
+struct LayerSizes {
+  int64_t hidden;
+  int64_t proj;
+};
+
+// Checks the weights and biases against input features C.
+LayerSizes check_weights(const char* op, const at::Tensor& input, int64_t input_features,
+                         const at::Tensor& w_ih, const at::Tensor& w_hh,
+                         const std::optional<at::Tensor>& b_ih,
+                         const std::optional<at::Tensor>& b_hh,
+                         const std::optional<at::Tensor>& w_hr) {
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
               ": expected a floating-point input, got dtype ", input.scalar_type());
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * w_hh.size(1), op,
-              ": expected w_hh of shape [4H, H], got ", w_hh.sizes());
-  const int64_t hidden = w_hh.size(1);
+  LayerSizes sizes{};
+  if (w_hr.has_value()) {
+    TORCH_CHECK(w_hr->dim() == 2, op, ": expected w_hr of shape [P, H], got ", w_hr->sizes());
+    sizes = {w_hr->size(1), w_hr->size(0)};
+    check_shape(op, w_hh, "w_hh", {4 * sizes.hidden, sizes.proj}, "[4H, P]");
+    check_same_device_and_dtype(op, input, "input", *w_hr, "w_hr");
+  } else {
+    TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * w_hh.size(1), op,
+                ": expected w_hh of shape [4H, H], got ", w_hh.sizes());
+    sizes = {w_hh.size(1), w_hh.size(1)};
+  }
+  const int64_t hidden = sizes.hidden;
   check_shape(op, w_ih, "w_ih", {4 * hidden, input_features}, "[4H, C]");
   check_same_device_and_dtype(op, input, "input", w_ih, "w_ih");
   check_same_device_and_dtype(op, input, "input", w_hh, "w_hh");
@@ -77,13 +105,92 @@ int64_t check_weights(const char* op, const at::Tensor& input, int64_t input_fea
     check_same_device_and_dtype(op, input, "input", *b_ih, "b_ih");
     check_same_device_and_dtype(op, input, "input", *b_hh, "b_hh");
   }
-  return hidden;
+  return sizes;
 }
 
 void check_state(const char* op, const at::Tensor& input, const at::Tensor& state,
-                 const char* name, int64_t batch, int64_t hidden) {
-  check_shape(op, state, name, {batch, hidden}, "[N, H]");
+                 const char* name, int64_t batch, int64_t width, const char* expected_text) {
+  check_shape(op, state, name, {batch, width}, expected_text);
   check_same_device_and_dtype(op, input, "input", state, name);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where each step's rows lie. Every buffer of the loop is time-major and 2-D, [rows, width]: a
+// padded batch has N rows at each step (rows = T * N, step t at t * N); a packed one has
+// batch_sizes[t] rows at step t, the first batch_sizes[t] sequences of the batch.
+
+struct StepLayout {
+  int64_t steps = 0;
+  int64_t batch = 0;  // N: the rows of the largest step, and of h0, c0, h_n, c_n
+  int64_t rows = 0;
+  std::vector<int64_t> sizes;    // packed only
+  std::vector<int64_t> offsets;  // packed only
+
+  bool packed() const { return !sizes.empty(); }
+  int64_t size(int64_t t) const { return packed() ? sizes[t] : batch; }
+  int64_t offset(int64_t t) const { return packed() ? offsets[t] : t * batch; }
+};
+
+StepLayout padded_layout(int64_t steps, int64_t batch) {
+  StepLayout layout;
+  layout.steps = steps;
+  layout.batch = batch;
+  layout.rows = steps * batch;
+  return layout;
+}
+
+// A packed batch's layout, checked: batch_sizes must be what pack_padded_sequence produces.
+StepLayout packed_layout(const char* op, const at::Tensor& input, const at::Tensor& batch_sizes) {
+  TORCH_CHECK(input.dim() == 2, op,
+              ": with batch_sizes, expected packed input of shape [rows, C], got ", input.sizes());
+  TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong &&
+                  batch_sizes.dim() == 1,
+              op, ": expected batch_sizes to be a 1-D int64 tensor on the CPU (as in a "
+              "PackedSequence), got ", batch_sizes.scalar_type(), " of shape ",
+              batch_sizes.sizes(), " on ", batch_sizes.device());
+  TORCH_CHECK(batch_sizes.numel() > 0, op, ": expected batch_sizes with at least one step");
+  const at::Tensor sizes_c = batch_sizes.contiguous();
+  const int64_t* sizes = sizes_c.const_data_ptr<int64_t>();
+  StepLayout layout;
+  layout.steps = batch_sizes.numel();
+  layout.batch = sizes[0];
+  layout.sizes.assign(sizes, sizes + layout.steps);
+  layout.offsets.resize(layout.steps);
+  for (const auto t : c10::irange(layout.steps)) {
+    TORCH_CHECK(sizes[t] > 0 && (t == 0 || sizes[t] <= sizes[t - 1]), op,
+                ": expected batch_sizes to be positive and non-increasing, got ", sizes[t],
+                " at step ", t, t > 0 ? " after " : "", t > 0 ? std::to_string(sizes[t - 1]) : "");
+    layout.offsets[t] = layout.rows;
+    layout.rows += sizes[t];
+  }
+  TORCH_CHECK(layout.rows == input.size(0), op, ": batch_sizes sum to ", layout.rows,
+              " rows but the packed input has ", input.size(0), " rows");
+  return layout;
+}
+
+// The layout of an op call's input: packed when batch_sizes is given, else [T, N, C].
+StepLayout input_layout(const char* op, const at::Tensor& input,
+                        const std::optional<at::Tensor>& batch_sizes) {
+  if (batch_sizes.has_value()) {
+    return packed_layout(op, input, *batch_sizes);
+  }
+  TORCH_CHECK(input.dim() == 3, op, ": expected input of shape [T, N, C], got ", input.sizes());
+  TORCH_CHECK(input.size(0) > 0, op, ": expected sequence length T > 0, got input of shape ",
+              input.sizes());
+  return padded_layout(input.size(0), input.size(1));
+}
+
+// A [rows, width] buffer as the op returns it: [T, N, width] for a padded batch.
+at::Tensor unflatten(const at::Tensor& t, const StepLayout& layout) {
+  if (layout.packed() || t.dim() != 2) {
+    return t;
+  }
+  return t.view({layout.steps, layout.batch, t.size(1)});
+}
+
+// A [T, N, width] or [rows, width] tensor as the loop's contiguous [rows, width].
+at::Tensor flatten(const at::Tensor& t, const StepLayout& layout, int64_t width) {
+  return t.contiguous().view({layout.rows, width});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -92,118 +199,248 @@ void check_state(const char* op, const at::Tensor& input, const at::Tensor& stat
 // Index of the k-th processed step: the recurrence runs forward in time, or backward for `reverse`.
 int64_t step_time(int64_t k, int64_t steps, bool reverse) { return reverse ? steps - 1 - k : k; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_unchecked(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, bool reverse, bool training, StepBackend& backend) {
-  const int64_t steps = input.size(0), batch = input.size(1), features = input.size(2);
-  const int64_t hidden = w_hh.size(1);
-  const at::Tensor x = input.contiguous();
+// The state entering a step that has more rows than the step processed before it (the reverse
+// direction of a packed batch, where shorter sequences join late): its first rows continue from
+// the previous step, the others start from the initial state. Gathered into `buffer`.
+at::Tensor joined_state(at::Tensor& buffer, const at::Tensor& continuing,
+                        const at::Tensor& initial, int64_t rows) {
+  if (!buffer.defined()) {
+    buffer = at::empty_like(initial, at::MemoryFormat::Contiguous);
+  }
+  const int64_t kept = continuing.size(0);
+  buffer.narrow(0, 0, kept).copy_(continuing);
+  buffer.narrow(0, kept, rows - kept).copy_(initial.narrow(0, kept, rows - kept));
+  return buffer.narrow(0, 0, rows);
+}
 
-  // Input projection of all timesteps in one GEMM, both biases folded in: [T*N, C] x [C, 4H].
+// The state h_{t-1} or c_{t-1} entering the k-th processed step, from the [rows, width] buffer
+// the previous step wrote (no copy, except where the batch grows).
+at::Tensor previous_state(const at::Tensor& states, const at::Tensor& initial, at::Tensor& join,
+                          const StepLayout& layout, int64_t k, bool reverse) {
+  const int64_t rows = layout.size(step_time(k, layout.steps, reverse));
+  if (k == 0) {
+    return initial.narrow(0, 0, rows);
+  }
+  const int64_t prev_t = step_time(k - 1, layout.steps, reverse);
+  const at::Tensor prev = states.narrow(0, layout.offset(prev_t), layout.size(prev_t));
+  return rows <= prev.size(0) ? prev.narrow(0, 0, rows) : joined_state(join, prev, initial, rows);
+}
+
+// The loop itself, on 2-D buffers: x [rows, C] contiguous; returns (output [rows, P], h_n [N, P],
+// c_n [N, H], gates [rows, 4H], cells [rows, H], hidden [rows, H]), the last three as documented
+// for lstm_forward.
+ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layout,
+                                     const at::Tensor& h0, const at::Tensor& c0,
+                                     const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                     const std::optional<at::Tensor>& b_ih,
+                                     const std::optional<at::Tensor>& b_hh,
+                                     const std::optional<at::Tensor>& w_hr, bool reverse,
+                                     bool training, StepBackend& backend) {
+  const int64_t steps = layout.steps, batch = layout.batch, rows = layout.rows;
+  const int64_t hidden = w_hh.size(0) / 4, proj = w_hh.size(1);
+  const bool projected = w_hr.has_value();
+  const auto options = x.options();
+
+  // Input projection of all timesteps in one GEMM, both biases folded in: [rows, C] x [C, 4H].
   // Each step's recurrent GEMM then accumulates into this buffer in place, and the pointwise pass
   // overwrites it with the activated gates when training, so it doubles as the saved gates.
-  at::Tensor gates = at::empty({steps, batch, 4 * hidden}, x.options());
-  at::Tensor gates_2d = gates.view({steps * batch, 4 * hidden});
-  const at::Tensor x_2d = x.view({steps * batch, features});
+  at::Tensor gates = at::empty({rows, 4 * hidden}, options);
   {
     // Named scopes show up in torch.profiler: where a step's time goes (benchmarks/README.md).
     RECORD_FUNCTION("lstm_ext::input_projection", std::vector<c10::IValue>());
     if (b_ih.has_value()) {
-      gates_2d.copy_((*b_ih + *b_hh).expand({steps * batch, 4 * hidden}));
+      gates.copy_((*b_ih + *b_hh).expand({rows, 4 * hidden}));
     }
-    backend.matmul(x_2d, w_ih.t(), gates_2d, /*accumulate=*/b_ih.has_value());
+    backend.matmul(x, w_ih.t(), gates, /*accumulate=*/b_ih.has_value());
   }
 
-  at::Tensor output = at::empty({steps, batch, hidden}, x.options());
-  at::Tensor cells = training ? at::empty({steps, batch, hidden}, x.options()) : at::empty({0}, x.options());
-  // Inference keeps only the running cell state, updated in place.
-  at::Tensor c_n = at::empty({batch, hidden}, x.options());
+  at::Tensor output = at::empty({rows, proj}, options);
+  at::Tensor cells = training ? at::empty({rows, hidden}, options) : at::Tensor();
+  // With projections, o * tanh(c_t) before the projection: kept for every step when training
+  // (backward needs it for grad_w_hr), else one step's scratch.
+  at::Tensor unprojected =
+      projected ? at::empty({training ? rows : batch, hidden}, options) : at::Tensor();
+  const at::Tensor h0_c = h0.contiguous();
+  const at::Tensor c0_c = c0.contiguous();
+  at::Tensor h_n = at::empty({batch, proj}, options);
+  // Inference keeps one running cell state, updated in place from c0: its rows of sequences that
+  // have ended keep their final state, so it ends as c_n.
+  at::Tensor c_n = at::empty({batch, hidden}, options);
+  if (!training) {
+    c_n.copy_(c0_c);
+  }
+  at::Tensor h_join, c_join;
 
-  std::vector<at::Tensor> gates_t = gates.unbind(0);
-  std::vector<at::Tensor> output_t = output.unbind(0);
-  at::Tensor h_prev = h0.contiguous();
-  at::Tensor c_prev = c0.contiguous();
   RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
   backend.begin_forward(w_hh.contiguous());
+  if (projected) {
+    backend.begin_projection(w_hr->contiguous());
+  }
   for (const auto k : c10::irange(steps)) {
     const int64_t t = step_time(k, steps, reverse);
-    at::Tensor c_t = training ? cells[t] : c_n;
-    backend.forward_step(h_prev, gates_t[t], c_prev, c_t, output_t[t], training);
-    h_prev = output_t[t];
-    c_prev = c_t;
+    const int64_t n = layout.size(t), offset = layout.offset(t);
+    const at::Tensor h_prev = previous_state(output, h0_c, h_join, layout, k, reverse);
+    const at::Tensor c_prev = training ? previous_state(cells, c0_c, c_join, layout, k, reverse)
+                                       : c_n.narrow(0, 0, n);
+    at::Tensor gates_t = gates.narrow(0, offset, n);
+    at::Tensor c_t = training ? cells.narrow(0, offset, n) : c_n.narrow(0, 0, n);
+    at::Tensor h_t = output.narrow(0, offset, n);
+    if (projected) {
+      at::Tensor u_t = unprojected.narrow(0, training ? offset : 0, n);
+      backend.forward_step(h_prev, gates_t, c_prev, c_t, u_t, training);
+      backend.project(u_t, h_t);
+    } else {
+      backend.forward_step(h_prev, gates_t, c_prev, c_t, h_t, training);
+    }
+    // The sequences whose last step this is (rows the next step no longer has): final states.
+    const int64_t next_n = k + 1 < steps ? layout.size(step_time(k + 1, steps, reverse)) : 0;
+    if (next_n < n) {
+      h_n.narrow(0, next_n, n - next_n).copy_(h_t.narrow(0, next_n, n - next_n));
+      if (training) {
+        c_n.narrow(0, next_n, n - next_n).copy_(c_t.narrow(0, next_n, n - next_n));
+      }
+    }
   }
-  at::Tensor h_n = h_prev.clone();
-  if (training) {
-    c_n.copy_(c_prev);
-    return {output, h_n, c_n, gates, cells};
+  // Distinct empty tensors: an op's outputs must not alias one another.
+  const auto none = [&] { return at::empty({0}, options); };
+  if (!training) {
+    return {output, h_n, c_n, none(), none(), none()};
   }
-  return {output, h_n, c_n, at::empty({0}, x.options()), cells};
+  return {output, h_n, c_n, gates, cells, projected ? unprojected : none()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-lstm_backward_unchecked(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                        const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& h0,
-                        const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                        const at::Tensor& output, const at::Tensor& saved_gates,
-                        const at::Tensor& saved_cells, bool reverse, StepBackend& backend) {
-  const int64_t steps = input.size(0), batch = input.size(1), features = input.size(2);
-  const int64_t hidden = w_hh.size(1);
-  const at::Tensor x = input.contiguous();
-  const at::Tensor d_out = grad_output.contiguous();
-  const at::Tensor gates = saved_gates.contiguous();
-  const at::Tensor cells = saved_cells.contiguous();
+// h_{t-1} of every step as one [rows, P] buffer, for grad_w_hh of a packed batch (whose steps'
+// h_{t-1} are not one strided view of the output).
+at::Tensor gather_previous_hidden(const at::Tensor& output, const at::Tensor& h0,
+                                  const StepLayout& layout, bool reverse) {
+  at::Tensor previous = at::empty_like(output, at::MemoryFormat::Contiguous);
+  for (const auto k : c10::irange(layout.steps)) {
+    const int64_t t = step_time(k, layout.steps, reverse);
+    const int64_t n = layout.size(t);
+    at::Tensor dst = previous.narrow(0, layout.offset(t), n);
+    if (k == 0) {
+      dst.copy_(h0.narrow(0, 0, n));
+      continue;
+    }
+    const int64_t prev_t = step_time(k - 1, layout.steps, reverse);
+    const int64_t kept = std::min(n, layout.size(prev_t));
+    dst.narrow(0, 0, kept).copy_(output.narrow(0, layout.offset(prev_t), kept));
+    if (kept < n) {
+      dst.narrow(0, kept, n - kept).copy_(h0.narrow(0, kept, n - kept));
+    }
+  }
+  return previous;
+}
 
-  at::Tensor d_gates = at::empty({steps, batch, 4 * hidden}, x.options());
-  // d_h_recurrent starts as grad_h_n and is then overwritten each step by d_gates[t] W_hh; after the
-  // last step it is grad_h0. d_c is updated in place by the pointwise pass and ends as grad_c0.
-  at::Tensor d_h_recurrent = grad_h_n.contiguous().clone();
+// The backward loop on 2-D buffers (see lstm_forward_unchecked). `output` [rows, P] may be
+// undefined when T = 1 (it only supplies h_{t-1} for steps after the first).
+BackwardResult lstm_backward_unchecked(const at::Tensor& d_out, const at::Tensor& grad_h_n,
+                                       const at::Tensor& grad_c_n, const at::Tensor& x,
+                                       const StepLayout& layout, const at::Tensor& h0,
+                                       const at::Tensor& c0, const at::Tensor& w_ih,
+                                       const at::Tensor& w_hh,
+                                       const std::optional<at::Tensor>& w_hr,
+                                       const at::Tensor& output, const at::Tensor& gates,
+                                       const at::Tensor& cells, const at::Tensor& unprojected,
+                                       bool reverse, StepBackend& backend) {
+  const int64_t steps = layout.steps, batch = layout.batch, rows = layout.rows;
+  const int64_t features = x.size(1);
+  const int64_t hidden = w_hh.size(0) / 4, proj = w_hh.size(1);
+  const bool projected = w_hr.has_value();
+  const auto options = x.options();
+
+  at::Tensor d_gates = at::empty({rows, 4 * hidden}, options);
+  // d_h starts as grad_h_n and is then overwritten each step by d_gates[t] W_hh; after the last
+  // step it is grad_h0. d_c is updated in place by the pointwise pass and ends as grad_c0. A step
+  // touches only its own rows: in a packed batch the rows of sequences that have not started (in
+  // backward order) still hold grad_h_n / grad_c_n, and those of sequences that have ended hold
+  // their final grad_h0 / grad_c0.
+  at::Tensor d_h = grad_h_n.contiguous().clone();
   at::Tensor d_c = grad_c_n.contiguous().clone();
-
+  // With projections: the total gradient reaching each step's projected h_t [rows, P] (kept for
+  // grad_w_hr), its image through the projection [N, H], and zeros standing in for the recurrent
+  // gradient, which the total already includes.
+  at::Tensor d_h_total, d_unprojected, zeros;
+  if (projected) {
+    d_h_total = at::empty({rows, proj}, options);
+    d_unprojected = at::empty({batch, hidden}, options);
+    zeros = at::zeros({batch, hidden}, options);
+  }
+  const at::Tensor h0_c = h0.contiguous();
   const at::Tensor c0_c = c0.contiguous();
+  at::Tensor c_join;
+
   {
     RECORD_FUNCTION("lstm_ext::recurrence_backward", std::vector<c10::IValue>());
     backend.begin_backward(w_hh.contiguous());
+    if (projected) {
+      backend.begin_projection(w_hr->contiguous());
+    }
     // Backward visits the steps in the opposite order of the forward recurrence.
     for (const auto k : c10::irange(steps)) {
-      const int64_t t = step_time(steps - 1 - k, steps, reverse);
-      const bool first_forward_step = t == step_time(0, steps, reverse);
-      const at::Tensor c_prev = first_forward_step ? c0_c : cells[reverse ? t + 1 : t - 1];
-      at::Tensor d_gates_t = d_gates[t];
-      if (batch > 0) {
-        BackwardStepArgs args{gates[t].const_data_ptr(),     cells[t].const_data_ptr(),
-                              c_prev.const_data_ptr(),       d_out[t].const_data_ptr(),
-                              d_h_recurrent.const_data_ptr(), d_c.data_ptr(),
-                              d_gates_t.data_ptr(),          batch,
-                              hidden};
+      const int64_t forward_k = steps - 1 - k;
+      const int64_t t = step_time(forward_k, steps, reverse);
+      const int64_t n = layout.size(t), offset = layout.offset(t);
+      const at::Tensor c_prev = previous_state(cells, c0_c, c_join, layout, forward_k, reverse);
+      at::Tensor d_gates_t = d_gates.narrow(0, offset, n);
+      at::Tensor d_h_t = d_h.narrow(0, 0, n);
+      const at::Tensor d_out_t = d_out.narrow(0, offset, n);
+      const void* d_h_output = d_out_t.const_data_ptr();
+      const void* d_h_recurrent = d_h_t.const_data_ptr();
+      if (projected) {
+        at::Tensor total = d_h_total.narrow(0, offset, n);
+        at::add_out(total, d_out_t, d_h_t);
+        at::Tensor d_unprojected_t = d_unprojected.narrow(0, 0, n);
+        backend.project_backward(total, d_unprojected_t);
+        d_h_output = d_unprojected_t.const_data_ptr();
+        d_h_recurrent = zeros.const_data_ptr();
+      }
+      if (n > 0) {
+        const BackwardStepArgs args{gates.narrow(0, offset, n).const_data_ptr(),
+                                    cells.narrow(0, offset, n).const_data_ptr(),
+                                    c_prev.const_data_ptr(),
+                                    d_h_output,
+                                    d_h_recurrent,
+                                    d_c.data_ptr(),
+                                    d_gates_t.data_ptr(),
+                                    n,
+                                    hidden};
         backend.backward_pointwise(args, x.scalar_type());
       }
-      backend.recurrent_gradient(d_gates_t, d_h_recurrent);
+      backend.recurrent_gradient(d_gates_t, d_h_t);
     }
   }
 
   // Weight and input gradients as large GEMMs over all timesteps.
   RECORD_FUNCTION("lstm_ext::weight_gradients", std::vector<c10::IValue>());
-  const at::Tensor d_gates_2d = d_gates.view({steps * batch, 4 * hidden});
-  at::Tensor grad_input = at::empty({steps, batch, features}, x.options());
-  at::Tensor grad_input_2d = grad_input.view({steps * batch, features});
-  backend.matmul(d_gates_2d, w_ih, grad_input_2d, /*accumulate=*/false);
-  at::Tensor grad_w_ih = at::empty({4 * hidden, features}, x.options());
-  backend.matmul(d_gates_2d.t(), x.view({steps * batch, features}), grad_w_ih, /*accumulate=*/false);
-  // h_{t-1} of the first forward step is h0; of every other step, the output of its predecessor.
-  const int64_t first_t = step_time(0, steps, reverse);
-  at::Tensor grad_w_hh = at::empty({4 * hidden, hidden}, x.options());
-  backend.matmul(d_gates[first_t].t(), h0, grad_w_hh, /*accumulate=*/false);
-  if (steps > 1) {
-    const at::Tensor out = output.contiguous();
-    const at::Tensor later_d_gates = reverse ? d_gates.narrow(0, 0, steps - 1) : d_gates.narrow(0, 1, steps - 1);
-    const at::Tensor their_h_prev = reverse ? out.narrow(0, 1, steps - 1) : out.narrow(0, 0, steps - 1);
-    backend.matmul(later_d_gates.view({(steps - 1) * batch, 4 * hidden}).t(),
-                   their_h_prev.view({(steps - 1) * batch, hidden}), grad_w_hh,
-                   /*accumulate=*/true);
+  at::Tensor grad_input = at::empty({rows, features}, options);
+  backend.matmul(d_gates, w_ih, grad_input, /*accumulate=*/false);
+  at::Tensor grad_w_ih = at::empty({4 * hidden, features}, options);
+  backend.matmul(d_gates.t(), x, grad_w_ih, /*accumulate=*/false);
+  at::Tensor grad_w_hh = at::empty({4 * hidden, proj}, options);
+  if (layout.packed()) {
+    backend.matmul(d_gates.t(), gather_previous_hidden(output, h0_c, layout, reverse), grad_w_hh,
+                   /*accumulate=*/false);
+  } else {
+    // h_{t-1} of the first forward step is h0; of every other step, the output of its
+    // predecessor: the output shifted by one step, a strided view.
+    const int64_t first_t = step_time(0, steps, reverse);
+    backend.matmul(d_gates.narrow(0, first_t * batch, batch).t(), h0_c, grad_w_hh,
+                   /*accumulate=*/false);
+    if (steps > 1) {
+      const int64_t later = (steps - 1) * batch;
+      const at::Tensor later_d_gates = d_gates.narrow(0, reverse ? 0 : batch, later);
+      const at::Tensor their_h_prev = output.narrow(0, reverse ? batch : 0, later);
+      backend.matmul(later_d_gates.t(), their_h_prev, grad_w_hh, /*accumulate=*/true);
+    }
   }
-  at::Tensor grad_bias = d_gates_2d.sum(0);
-  return {grad_input, d_h_recurrent, d_c, grad_w_ih, grad_w_hh, grad_bias};
+  at::Tensor grad_bias = d_gates.sum(0);
+  at::Tensor grad_w_hr = at::empty({0}, options);
+  if (projected) {
+    grad_w_hr = at::empty({proj, hidden}, options);
+    backend.matmul(d_h_total.t(), unprojected, grad_w_hr, /*accumulate=*/false);
+  }
+  return {grad_input, d_h, d_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
 }  // namespace
@@ -211,47 +448,80 @@ lstm_backward_unchecked(const at::Tensor& grad_output, const at::Tensor& grad_h_
 // ---------------------------------------------------------------------------------------------
 // Op entry points: check, then run.
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
-    StepBackend& backend) {
+ForwardResult lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                           const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
+                           const std::optional<at::Tensor>& w_hr,
+                           const std::optional<at::Tensor>& batch_sizes, StepBackend& backend) {
   constexpr const char* op = "lstm_ext::lstm_forward";
-  TORCH_CHECK(input.dim() == 3, op, ": expected input of shape [T, N, C], got ", input.sizes());
-  TORCH_CHECK(input.size(0) > 0, op, ": expected sequence length T > 0, got input of shape ",
-              input.sizes());
-  const int64_t hidden = check_weights(op, input, input.size(2), w_ih, w_hh, b_ih, b_hh);
-  check_state(op, input, h0, "h0", input.size(1), hidden);
-  check_state(op, input, c0, "c0", input.size(1), hidden);
-  return lstm_forward_unchecked(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, backend);
+  const StepLayout layout = input_layout(op, input, batch_sizes);
+  const int64_t features = input.size(-1);
+  const LayerSizes sizes = check_weights(op, input, features, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const char* h_shape = w_hr.has_value() ? "[N, P]" : "[N, H]";
+  check_state(op, input, h0, "h0", layout.batch, sizes.proj, h_shape);
+  check_state(op, input, c0, "c0", layout.batch, sizes.hidden, "[N, H]");
+  auto [output, h_n, c_n, gates, cells, hidden] =
+      lstm_forward_unchecked(flatten(input, layout, features), layout, h0, c0, w_ih, w_hh, b_ih,
+                             b_hh, w_hr, reverse, training, backend);
+  return {unflatten(output, layout), h_n, c_n, unflatten(gates, layout), unflatten(cells, layout),
+          unflatten(hidden, layout)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& saved_gates,
-    const at::Tensor& saved_cells, bool reverse, StepBackend& backend) {
+BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                             const at::Tensor& grad_c_n, const at::Tensor& input,
+                             const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const at::Tensor& output,
+                             const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+                             bool reverse, const std::optional<at::Tensor>& w_hr,
+                             const std::optional<at::Tensor>& batch_sizes,
+                             const std::optional<at::Tensor>& saved_hidden,
+                             StepBackend& backend) {
   constexpr const char* op = "lstm_ext::_lstm_backward";
-  TORCH_CHECK(input.dim() == 3 && input.size(0) > 0, op,
-              ": expected input of shape [T, N, C] with T > 0, got ", input.sizes());
-  const int64_t steps = input.size(0), batch = input.size(1);
-  const int64_t hidden = check_weights(op, input, input.size(2), w_ih, w_hh, std::nullopt, std::nullopt);
+  const StepLayout layout = input_layout(op, input, batch_sizes);
+  const int64_t features = input.size(-1), batch = layout.batch;
+  const LayerSizes sizes =
+      check_weights(op, input, features, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+  const int64_t hidden = sizes.hidden, proj = sizes.proj;
   TORCH_CHECK(saved_gates.numel() > 0 || batch == 0, op,
               ": the forward pass was run with training=False, so nothing was saved for backward");
-  check_state(op, input, h0, "h0", batch, hidden);
-  check_state(op, input, c0, "c0", batch, hidden);
-  check_state(op, input, grad_h_n, "grad_h_n", batch, hidden);
-  check_state(op, input, grad_c_n, "grad_c_n", batch, hidden);
-  check_shape(op, grad_output, "grad_output", {steps, batch, hidden}, "[T, N, H]");
-  check_shape(op, output, "output", {steps, batch, hidden}, "[T, N, H]");
-  check_shape(op, saved_gates, "saved_gates", {steps, batch, 4 * hidden}, "[T, N, 4H]");
-  check_shape(op, saved_cells, "saved_cells", {steps, batch, hidden}, "[T, N, H]");
-  check_same_device_and_dtype(op, input, "input", grad_output, "grad_output");
-  check_same_device_and_dtype(op, input, "input", output, "output");
-  check_same_device_and_dtype(op, input, "input", saved_gates, "saved_gates");
-  check_same_device_and_dtype(op, input, "input", saved_cells, "saved_cells");
-  return lstm_backward_unchecked(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output,
-                                 saved_gates, saved_cells, reverse, backend);
+  const char* h_shape = w_hr.has_value() ? "[N, P]" : "[N, H]";
+  check_state(op, input, h0, "h0", batch, proj, h_shape);
+  check_state(op, input, c0, "c0", batch, hidden, "[N, H]");
+  check_state(op, input, grad_h_n, "grad_h_n", batch, proj, h_shape);
+  check_state(op, input, grad_c_n, "grad_c_n", batch, hidden, "[N, H]");
+  // The per-step tensors: [T, N, width], or [rows, width] when packed.
+  const auto per_step = [&](int64_t width) -> std::vector<int64_t> {
+    if (layout.packed()) {
+      return {layout.rows, width};
+    }
+    return {layout.steps, batch, width};
+  };
+  const char* rows_text = layout.packed() ? "[rows, " : "[T, N, ";
+  const auto check_per_step = [&](const at::Tensor& t, const char* name, int64_t width,
+                                  const char* width_text) {
+    check_shape(op, t, name, per_step(width), (std::string(rows_text) + width_text).c_str());
+    check_same_device_and_dtype(op, input, "input", t, name);
+  };
+  const char* p_text = w_hr.has_value() ? "P]" : "H]";
+  check_per_step(grad_output, "grad_output", proj, p_text);
+  check_per_step(output, "output", proj, p_text);
+  check_per_step(saved_gates, "saved_gates", 4 * hidden, "4H]");
+  check_per_step(saved_cells, "saved_cells", hidden, "H]");
+  at::Tensor unprojected;
+  if (w_hr.has_value()) {
+    TORCH_CHECK(saved_hidden.has_value(), op,
+                ": with w_hr (projections), saved_hidden from the forward pass is required");
+    check_per_step(*saved_hidden, "saved_hidden", hidden, "H]");
+    unprojected = flatten(*saved_hidden, layout, hidden);
+  }
+  auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
+      lstm_backward_unchecked(flatten(grad_output, layout, proj), grad_h_n, grad_c_n,
+                              flatten(input, layout, features), layout, h0, c0, w_ih, w_hh, w_hr,
+                              flatten(output, layout, proj), flatten(saved_gates, layout, 4 * hidden),
+                              flatten(saved_cells, layout, hidden), unprojected, reverse, backend);
+  return {unflatten(grad_input, layout), grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias,
+          grad_w_hr};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
@@ -260,13 +530,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
     const std::optional<at::Tensor>& b_hh, bool training, StepBackend& backend) {
   constexpr const char* op = "lstm_ext::lstm_cell_forward";
   TORCH_CHECK(input.dim() == 2, op, ": expected input of shape [N, C], got ", input.sizes());
-  const int64_t hidden = check_weights(op, input, input.size(1), w_ih, w_hh, b_ih, b_hh);
-  check_state(op, input, hx, "hx", input.size(0), hidden);
-  check_state(op, input, cx, "cx", input.size(0), hidden);
+  const int64_t hidden =
+      check_weights(op, input, input.size(1), w_ih, w_hh, b_ih, b_hh, std::nullopt).hidden;
+  check_state(op, input, hx, "hx", input.size(0), hidden, "[N, H]");
+  check_state(op, input, cx, "cx", input.size(0), hidden, "[N, H]");
   // A single step is a sequence of length 1: the same GEMMs and the same pointwise pass.
-  auto [output, h, c, saved_gates, saved_cells] = lstm_forward_unchecked(
-      input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh, /*reverse=*/false, training, backend);
-  return {h, c, training ? saved_gates.squeeze(0) : saved_gates};
+  auto [output, h, c, saved_gates, saved_cells, saved_hidden] = lstm_forward_unchecked(
+      input.contiguous(), padded_layout(1, input.size(0)), hx, cx, w_ih, w_hh, b_ih, b_hh,
+      std::nullopt, /*reverse=*/false, training, backend);
+  return {h, c, saved_gates};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -277,41 +549,53 @@ lstm_cell_backward(const at::Tensor& grad_h, const at::Tensor& grad_c, const at:
   constexpr const char* op = "lstm_ext::_lstm_cell_backward";
   TORCH_CHECK(input.dim() == 2, op, ": expected input of shape [N, C], got ", input.sizes());
   const int64_t batch = input.size(0);
-  const int64_t hidden = check_weights(op, input, input.size(1), w_ih, w_hh, std::nullopt, std::nullopt);
+  const int64_t hidden =
+      check_weights(op, input, input.size(1), w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt)
+          .hidden;
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{hx, "hx"},
                                 {cx, "cx"}, {grad_h, "grad_h"}, {grad_c, "grad_c"}, {c, "c"}}) {
-    check_state(op, input, t, name, batch, hidden);
+    check_state(op, input, t, name, batch, hidden, "[N, H]");
   }
   check_shape(op, saved_gates, "saved_gates", {batch, 4 * hidden}, "[N, 4H]");
   check_same_device_and_dtype(op, input, "input", saved_gates, "saved_gates");
   // With T = 1 the incoming h gradient can enter as grad_h_n; output[0] gets a zero gradient, and
   // `output` is never read (it only supplies h_{t-1} for steps after the first).
-  const at::Tensor zero_grad_output = at::zeros({1, batch, hidden}, input.options());
-  auto [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias] = lstm_backward_unchecked(
-      zero_grad_output, grad_h, grad_c, input.unsqueeze(0), hx, cx, w_ih, w_hh,
-      /*output=*/at::Tensor(), saved_gates.unsqueeze(0), c.unsqueeze(0), /*reverse=*/false, backend);
-  return {grad_input.squeeze(0), grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
+  const at::Tensor zero_grad_output = at::zeros({batch, hidden}, input.options());
+  auto [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
+      lstm_backward_unchecked(zero_grad_output, grad_h, grad_c, input.contiguous(),
+                              padded_layout(1, batch), hx, cx, w_ih, w_hh, std::nullopt,
+                              /*output=*/at::Tensor(), saved_gates.contiguous(), c.contiguous(),
+                              /*unprojected=*/at::Tensor(), /*reverse=*/false, backend);
+  return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
 }
 
 // The same entry points with the default backend: ATen GEMMs and the given pointwise passes.
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
-    const PointwiseKernels& kernels) {
+ForwardResult lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                           const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
+                           const std::optional<at::Tensor>& w_hr,
+                           const std::optional<at::Tensor>& batch_sizes,
+                           const PointwiseKernels& kernels) {
   StepBackend backend(kernels);
-  return lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, backend);
+  return lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, w_hr, batch_sizes,
+                      backend);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& saved_gates,
-    const at::Tensor& saved_cells, bool reverse, const PointwiseKernels& kernels) {
+BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                             const at::Tensor& grad_c_n, const at::Tensor& input,
+                             const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const at::Tensor& output,
+                             const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+                             bool reverse, const std::optional<at::Tensor>& w_hr,
+                             const std::optional<at::Tensor>& batch_sizes,
+                             const std::optional<at::Tensor>& saved_hidden,
+                             const PointwiseKernels& kernels) {
   StepBackend backend(kernels);
   return lstm_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output,
-                       saved_gates, saved_cells, reverse, backend);
+                       saved_gates, saved_cells, reverse, w_hr, batch_sizes, saved_hidden,
+                       backend);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(

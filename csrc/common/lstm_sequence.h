@@ -6,7 +6,14 @@
 // to do better (the CPU float32 path fuses each step's GEMM with its pointwise pass over weights
 // packed once per call).
 //
-// Shapes: T time, N batch, C input size, H hidden size.
+// The loop runs a padded batch (input [T, N, C], every step N rows) or a packed one (a
+// PackedSequence's data [rows, C] with batch_sizes [T]: step t has batch_sizes[t] rows, the first
+// rows of the batch, since the sequences are sorted by decreasing length). An LSTM with projections
+// (proj_size P > 0) multiplies each step's o * tanh(c_t) by w_hr^T inside the loop, so the
+// recurrent GEMM of the next step reads the projected h_t.
+//
+// Shapes: T time, N batch, C input size, H hidden size, P projection size (P = H without
+// projections).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -27,54 +34,83 @@ class StepBackend {
   // (e.g. transposes); out is contiguous [M, Ncols].
   virtual void matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate);
 
-  // Called once before a forward time loop with that loop's w_hh [4H, H].
+  // Called once before a forward time loop with that loop's w_hh [4H, P].
   virtual void begin_forward(const at::Tensor& w_hh) { w_hh_ = w_hh; }
-  // One forward step: gates [N, 4H] += h_prev [N, H] W_hh^T, then the fused pointwise pass
-  // (c [N, H] and h [N, H] out; activated gates in place of `gates` when training).
+  // One forward step: gates [N, 4H] += h_prev [N, P] W_hh^T, then the fused pointwise pass
+  // (c [N, H] and h [N, H] = o * tanh(c) out; activated gates in place of `gates` when training).
+  // With projections `h` is the un-projected o * tanh(c), which project() then maps to h_t.
   virtual void forward_step(const at::Tensor& h_prev, at::Tensor& gates, const at::Tensor& c_prev,
                             at::Tensor& c, at::Tensor& h, bool training);
 
-  // Called once before a backward time loop with that loop's w_hh [4H, H].
+  // Called once before a backward time loop with that loop's w_hh [4H, P].
   virtual void begin_backward(const at::Tensor& w_hh) { w_hh_ = w_hh; }
   // The backward pointwise pass of one step.
   void backward_pointwise(const BackwardStepArgs& args, c10::ScalarType dtype) const {
     kernels_.backward_step(args, dtype);
   }
-  // d_h [N, H] = d_gates [N, 4H] W_hh: the gradient that reaches h_{t-1} through step t.
+  // d_h [N, P] = d_gates [N, 4H] W_hh: the gradient that reaches h_{t-1} through step t.
   virtual void recurrent_gradient(const at::Tensor& d_gates, at::Tensor& d_h);
+
+  // LSTM with projections only. Called once before a time loop (forward or backward) with its
+  // w_hr [P, H].
+  virtual void begin_projection(const at::Tensor& w_hr) { w_hr_ = w_hr; }
+  // h [N, P] = hidden [N, H] W_hr^T: one step's projection of o * tanh(c_t).
+  virtual void project(const at::Tensor& hidden, at::Tensor& h);
+  // d_hidden [N, H] = d_h [N, P] W_hr: the gradient through one step's projection.
+  virtual void project_backward(const at::Tensor& d_h, at::Tensor& d_hidden);
 
  protected:
   PointwiseKernels kernels_;
   at::Tensor w_hh_;
+  at::Tensor w_hr_;
 };
 
 // Whole-sequence forward of one layer in one direction. `reverse` runs the recurrence from t = T-1
 // down to 0 (the backward direction of a bidirectional layer) without flipping any tensor.
-// Returns (output [T, N, H], h_n [N, H], c_n [N, H], saved_gates, saved_cells); when training the
-// last two are the activated gates [T, N, 4H] and the cell states [T, N, H] that backward needs,
-// otherwise empty tensors.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
-    const PointwiseKernels& kernels);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, bool reverse, bool training, StepBackend& backend);
+//   input [T, N, C], or packed [rows, C] with batch_sizes (int64 on the CPU, [T], non-increasing);
+//   h0 [N, P], c0 [N, H]; w_ih [4H, C], w_hh [4H, P], b_ih/b_hh [4H] or none; w_hr [P, H] or none.
+// Returns (output, h_n [N, P], c_n [N, H], saved_gates, saved_cells, saved_hidden): output is
+// [T, N, P] (packed: [rows, P]); h_n/c_n hold each sequence's state after its own last step. When
+// training the saved tensors are what backward needs: the activated gates [T, N, 4H], the cell
+// states [T, N, H] and, with projections, the un-projected o * tanh(c_t) [T, N, H] (packed: [rows,
+// ...]); tensors not needed are empty.
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+ForwardResult lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                           const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
+                           const std::optional<at::Tensor>& w_hr,
+                           const std::optional<at::Tensor>& batch_sizes,
+                           const PointwiseKernels& kernels);
+ForwardResult lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                           const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
+                           const std::optional<at::Tensor>& w_hr,
+                           const std::optional<at::Tensor>& batch_sizes, StepBackend& backend);
 
-// Gradients of lstm_forward: (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias).
-// grad_bias [4H] is the gradient of b_ih and of b_hh alike (they enter the sum identically).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& saved_gates,
-    const at::Tensor& saved_cells, bool reverse, const PointwiseKernels& kernels);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& saved_gates,
-    const at::Tensor& saved_cells, bool reverse, StepBackend& backend);
+// Gradients of lstm_forward: (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias,
+// grad_w_hr). grad_bias [4H] is the gradient of b_ih and of b_hh alike (they enter the sum
+// identically); grad_w_hr [P, H] is empty without projections.
+using BackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                             const at::Tensor& grad_c_n, const at::Tensor& input,
+                             const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const at::Tensor& output,
+                             const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+                             bool reverse, const std::optional<at::Tensor>& w_hr,
+                             const std::optional<at::Tensor>& batch_sizes,
+                             const std::optional<at::Tensor>& saved_hidden,
+                             const PointwiseKernels& kernels);
+BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                             const at::Tensor& grad_c_n, const at::Tensor& input,
+                             const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const at::Tensor& output,
+                             const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+                             bool reverse, const std::optional<at::Tensor>& w_hr,
+                             const std::optional<at::Tensor>& batch_sizes,
+                             const std::optional<at::Tensor>& saved_hidden, StepBackend& backend);
 
 // One step, as torch.nn.LSTMCell: input [N, C], hx/cx [N, H].
 // Returns (h [N, H], c [N, H], saved_gates [N, 4H], or empty when not training).

@@ -26,24 +26,31 @@ const PointwiseKernels& pointwise_kernels() {
   return kernels;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, bool reverse, bool training) {
+ForwardResult lstm_forward_cuda(const at::Tensor& input, const at::Tensor& h0,
+                                const at::Tensor& c0, const at::Tensor& w_ih,
+                                const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
+                                const std::optional<at::Tensor>& w_hr,
+                                const std::optional<at::Tensor>& batch_sizes) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
-  return lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training,
-                      pointwise_kernels());
+  return lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, w_hr,
+                      batch_sizes, pointwise_kernels());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-lstm_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                   const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& h0,
-                   const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                   const at::Tensor& output, const at::Tensor& saved_gates,
-                   const at::Tensor& saved_cells, bool reverse) {
+// batch_sizes stays on the CPU (as in a PackedSequence): the loop reads it on the host.
+BackwardResult lstm_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                  const at::Tensor& grad_c_n, const at::Tensor& input,
+                                  const at::Tensor& h0, const at::Tensor& c0,
+                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                  const at::Tensor& output, const at::Tensor& saved_gates,
+                                  const at::Tensor& saved_cells, bool reverse,
+                                  const std::optional<at::Tensor>& w_hr,
+                                  const std::optional<at::Tensor>& batch_sizes,
+                                  const std::optional<at::Tensor>& saved_hidden) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
   return lstm_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output,
-                       saved_gates, saved_cells, reverse, pointwise_kernels());
+                       saved_gates, saved_cells, reverse, w_hr, batch_sizes, saved_hidden,
+                       pointwise_kernels());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(

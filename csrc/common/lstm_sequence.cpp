@@ -22,6 +22,15 @@ void StepBackend::matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& o
   }
 }
 
+void StepBackend::project_input(const at::Tensor& x, const at::Tensor& w_ih,
+                                const std::optional<at::Tensor>& bias, at::Tensor& out) {
+  if (bias.has_value()) {
+    at::addmm_out(out, *bias, x, w_ih.t());
+  } else {
+    at::mm_out(out, x, w_ih.t());
+  }
+}
+
 void StepBackend::forward_step(const at::Tensor& h_prev, at::Tensor& gates,
                                const at::Tensor& c_prev, at::Tensor& c, at::Tensor& h,
                                bool training) {
@@ -248,10 +257,9 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
   {
     // Named scopes show up in torch.profiler: where a step's time goes (benchmarks/README.md).
     RECORD_FUNCTION("lstm_ext::input_projection", std::vector<c10::IValue>());
-    if (b_ih.has_value()) {
-      gates.copy_((*b_ih + *b_hh).expand({rows, 4 * hidden}));
-    }
-    backend.matmul(x, w_ih.t(), gates, /*accumulate=*/b_ih.has_value());
+    const std::optional<at::Tensor> bias =
+        b_ih.has_value() ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
+    backend.project_input(x, w_ih, bias, gates);
   }
 
   at::Tensor output = at::empty({rows, proj}, options);

@@ -34,6 +34,10 @@ class StepBackend {
   // (e.g. transposes); out is contiguous [M, Ncols].
   virtual void matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate);
 
+  // The input projection of all timesteps: out [rows, 4H] = x [rows, C] W_ih^T (+ bias [4H]).
+  virtual void project_input(const at::Tensor& x, const at::Tensor& w_ih,
+                             const std::optional<at::Tensor>& bias, at::Tensor& out);
+
   // Called once before a forward time loop with that loop's w_hh [4H, P].
   virtual void begin_forward(const at::Tensor& w_hh) { w_hh_ = w_hh; }
   // One forward step: gates [N, 4H] += h_prev [N, P] W_hh^T, then the fused pointwise pass

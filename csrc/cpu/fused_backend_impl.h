@@ -42,6 +42,13 @@ struct LstmForwardOutput {
     }
   }
 
+  // A step always accumulates onto the input projection already in `gates`; init is never used.
+  template <int64_t kRows>
+  void init(int64_t, RawVec (&acc)[kRows][kPanelVecs]) const {
+    for (auto& row : acc) {
+      for (auto& v : row) v = raw_broadcast(0.f);
+    }
+  }
   template <int64_t kRows>
   void load(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
     const int64_t count = units(panel);
@@ -100,6 +107,23 @@ class FusedFloatBackend final : public StepBackend {
 
   // W_hh is [4H, K] with K the width of h_{t-1}: H, or the projection size once projections
   // exist. Both packings below keep the two apart.
+  void project_input(const at::Tensor& x, const at::Tensor& w_ih,
+                     const std::optional<at::Tensor>& bias, at::Tensor& out) override {
+    if (x.size(1) == 0 || !out.is_contiguous()) {
+      StepBackend::project_input(x, w_ih, bias, out);
+      return;
+    }
+    // B = W_ih^T: element (k, col) = w_ih[col][k]. The bias seeds the accumulators, so the output
+    // is written once rather than filled with the bias first.
+    const PackedB packed = pack_b(w_ih.const_data_ptr<float>(), w_ih.stride(1), w_ih.stride(0),
+                                  w_ih.size(1), w_ih.size(0), ColumnOrder::kPlain);
+    const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const PlainOutput output{out.data_ptr<float>(), out.stride(0), &packed,
+                             bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr};
+    const OperandA a_operand{x.const_data_ptr<float>(), x.stride(0), x.stride(1)};
+    packed_gemm(a_operand, x.size(0), packed, output, /*accumulate=*/false);
+  }
+
   void begin_forward(const at::Tensor& w_hh) override {
     StepBackend::begin_forward(w_hh);
     hidden_ = w_hh.size(0) / 4;

@@ -171,11 +171,28 @@ inline void tile_multiply(const OperandA& a, int64_t row0, int64_t k0, int64_t k
   }
 }
 
-// The plain output: C rows are row-major with leading dimension ldc, columns as B's.
+// The plain output: C rows are row-major with leading dimension ldc, columns as B's. With a bias
+// ([Ncols]), a GEMM that does not accumulate starts from it instead of from zero.
 struct PlainOutput {
   float* c;
   int64_t ldc;
   const PackedB* b;
+  const float* bias = nullptr;
+
+  template <int64_t kRows>
+  void init(int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    for (int64_t v = 0; v < kPanelVecs; ++v) {
+      RawVec start = raw_broadcast(0.f);
+      if (bias != nullptr) {
+        const int64_t count = panel_column_count(*b, panel, v);
+        const float* src = bias + panel_column(*b, panel, v);
+        start = count == kVecWidth ? FloatVec::loadu(src)
+                : count > 0        ? FloatVec::loadu(src, count)
+                                   : FloatVec(0.f);
+      }
+      for (int64_t r = 0; r < kRows; ++r) acc[r][v] = start;
+    }
+  }
 
   template <int64_t kRows>
   void load(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
@@ -225,9 +242,7 @@ inline void run_tile(const OperandA& a, const PackedB& b, const Output& out, int
   if (load_c) {
     out.template load<kRows>(row0, panel, acc);
   } else {
-    for (auto& row : acc) {
-      for (auto& v : row) v = raw_broadcast(0.f);
-    }
+    out.template init<kRows>(panel, acc);
   }
   tile_multiply<kRows>(a, row0, k0, kc, b.panel(panel) + k0 * kPanelWidth, acc);
   if (last) {

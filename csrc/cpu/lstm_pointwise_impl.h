@@ -7,8 +7,11 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
 
 #include "../common/cell_math.h"
 #include "../common/lstm_sequence.h"
@@ -36,6 +39,39 @@ inline int64_t rows_per_task(int64_t hidden) {
   return std::max<int64_t>(1, kUnitsPerTask / std::max<int64_t>(hidden, 1));
 }
 
+// How a pass reads and writes values of type scalar_t: SIMD vectors of the compute type for the
+// body of a row, one value at a time for its tail. float and double compute in their own type;
+// bfloat16 and half compute in float (at::opmath_type), the convention for reduced precision: the
+// gate math and the c update would lose most of their accuracy in an 8- or 11-bit mantissa.
+template <typename scalar_t>
+struct PointwiseIO {
+  using compute_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<compute_t>;
+  static constexpr int64_t kWidth = Vec::size();
+  static constexpr bool kConverts = !std::is_same_v<scalar_t, compute_t>;
+
+  static Vec load_vec(const scalar_t* p) {
+    if constexpr (kConverts) {
+      compute_t converted[kWidth];
+      for (int64_t i = 0; i < kWidth; ++i) converted[i] = static_cast<compute_t>(p[i]);
+      return Vec::loadu(converted);
+    } else {
+      return Vec::loadu(p);
+    }
+  }
+  static void store_vec(scalar_t* p, const Vec& v) {
+    if constexpr (kConverts) {
+      compute_t converted[kWidth];
+      v.store(converted);
+      for (int64_t i = 0; i < kWidth; ++i) p[i] = static_cast<scalar_t>(converted[i]);
+    } else {
+      v.store(p);
+    }
+  }
+  static compute_t load(const scalar_t* p) { return static_cast<compute_t>(*p); }
+  static void store(scalar_t* p, compute_t v) { *p = static_cast<scalar_t>(v); }
+};
+
 // Loads, computes and stores one run of units of one row: `V` is a SIMD vector for the body of the
 // row and the scalar type for its tail, so both go through the same lstm_cell_forward_unit.
 template <typename scalar_t, bool kTraining, typename V, typename Load, typename Store>
@@ -56,17 +92,19 @@ inline void forward_units(scalar_t* gates, const scalar_t* c_prev, scalar_t* c, 
 
 template <typename scalar_t, bool kTraining>
 void forward_step_typed(const ForwardStepArgs& a) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr int64_t kWidth = Vec::size();
+  using IO = PointwiseIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  using compute_t = typename IO::compute_t;
+  constexpr int64_t kWidth = IO::kWidth;
   const int64_t hidden = a.hidden;
   auto* gates_base = static_cast<scalar_t*>(a.gates);
   const auto* c_prev_base = static_cast<const scalar_t*>(a.c_prev);
   auto* c_base = static_cast<scalar_t*>(a.c);
   auto* h_base = static_cast<scalar_t*>(a.h);
-  const auto vec_load = [](const scalar_t* p) { return Vec::loadu(p); };
-  const auto vec_store = [](scalar_t* p, Vec v) { v.store(p); };
-  const auto scalar_load = [](const scalar_t* p) { return *p; };
-  const auto scalar_store = [](scalar_t* p, scalar_t v) { *p = v; };
+  const auto vec_load = [](const scalar_t* p) { return IO::load_vec(p); };
+  const auto vec_store = [](scalar_t* p, Vec v) { IO::store_vec(p, v); };
+  const auto scalar_load = [](const scalar_t* p) { return IO::load(p); };
+  const auto scalar_store = [](scalar_t* p, compute_t v) { IO::store(p, v); };
   at::parallel_for(0, a.batch, rows_per_task(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       scalar_t* gates = gates_base + n * 4 * hidden;
@@ -78,8 +116,8 @@ void forward_step_typed(const ForwardStepArgs& a) {
         forward_units<scalar_t, kTraining, Vec>(gates, c_prev, c, h, hidden, j, vec_load, vec_store);
       }
       for (; j < hidden; ++j) {
-        forward_units<scalar_t, kTraining, scalar_t>(gates, c_prev, c, h, hidden, j, scalar_load,
-                                                     scalar_store);
+        forward_units<scalar_t, kTraining, compute_t>(gates, c_prev, c, h, hidden, j, scalar_load,
+                                                      scalar_store);
       }
     }
   });
@@ -108,13 +146,15 @@ inline void backward_units(const BackwardStepArgs& a, int64_t n, int64_t j, Load
 
 template <typename scalar_t>
 void backward_step_typed(const BackwardStepArgs& a) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr int64_t kWidth = Vec::size();
+  using IO = PointwiseIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  using compute_t = typename IO::compute_t;
+  constexpr int64_t kWidth = IO::kWidth;
   const int64_t hidden = a.hidden;
-  const auto vec_load = [](const scalar_t* p) { return Vec::loadu(p); };
-  const auto vec_store = [](scalar_t* p, Vec v) { v.store(p); };
-  const auto scalar_load = [](const scalar_t* p) { return *p; };
-  const auto scalar_store = [](scalar_t* p, scalar_t v) { *p = v; };
+  const auto vec_load = [](const scalar_t* p) { return IO::load_vec(p); };
+  const auto vec_store = [](scalar_t* p, Vec v) { IO::store_vec(p, v); };
+  const auto scalar_load = [](const scalar_t* p) { return IO::load(p); };
+  const auto scalar_store = [](scalar_t* p, compute_t v) { IO::store(p, v); };
   at::parallel_for(0, a.batch, rows_per_task(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       int64_t j = 0;
@@ -122,14 +162,14 @@ void backward_step_typed(const BackwardStepArgs& a) {
         backward_units<scalar_t, Vec>(a, n, j, vec_load, vec_store);
       }
       for (; j < hidden; ++j) {
-        backward_units<scalar_t, scalar_t>(a, n, j, scalar_load, scalar_store);
+        backward_units<scalar_t, compute_t>(a, n, j, scalar_load, scalar_store);
       }
     }
   });
 }
 
 inline void forward_step(const ForwardStepArgs& args, c10::ScalarType dtype) {
-  AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_ext_cpu_forward_step", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_ext_cpu_forward_step", [&] {
     if (args.training) {
       forward_step_typed<scalar_t, true>(args);
     } else {
@@ -139,8 +179,8 @@ inline void forward_step(const ForwardStepArgs& args, c10::ScalarType dtype) {
 }
 
 inline void backward_step(const BackwardStepArgs& args, c10::ScalarType dtype) {
-  AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_ext_cpu_backward_step",
-                             [&] { backward_step_typed<scalar_t>(args); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_ext_cpu_backward_step",
+                                  [&] { backward_step_typed<scalar_t>(args); });
 }
 
 }  // namespace CPU_CAPABILITY

@@ -13,7 +13,8 @@ Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``L`` laye
 
 from __future__ import annotations
 
-from typing import overload
+import warnings
+from typing import TypeVar, overload
 
 import torch
 from torch import Tensor
@@ -23,6 +24,41 @@ from torch.nn.utils.rnn import PackedSequence
 from lstm_ext import functional
 
 __all__ = ["LSTM", "LSTMCell"]
+
+_Module = TypeVar("_Module", bound=torch.nn.Module)
+
+
+def _converted(source: torch.nn.Module, make: type[_Module], kwargs: dict) -> _Module:
+    """A new ``make(**kwargs)`` holding a copy of source's parameters.
+
+    Built on the meta device and then materialized, so that the conversion draws nothing from the
+    random number generator (the constructor's initialization would) and allocates each parameter
+    once. Device, dtype, values, requires_grad and the training mode are source's.
+    """
+    first = next(iter(source.parameters()))
+    with warnings.catch_warnings():
+        # The constructor's warnings (dropout with one layer) were already given for source.
+        warnings.simplefilter("ignore", UserWarning)
+        target = make(**kwargs, device="meta", dtype=first.dtype)
+    target = target.to_empty(device=first.device)
+    target.load_state_dict(source.state_dict())
+    for (name, theirs), ours in zip(source.named_parameters(), target.parameters()):
+        ours.requires_grad_(theirs.requires_grad)
+    return target.train(source.training)
+
+
+def _lstm_config(module: RNNBase) -> dict:
+    """The constructor arguments (but device and dtype) of a torch.nn.LSTM or lstm_ext.LSTM."""
+    return dict(
+        input_size=module.input_size,
+        hidden_size=module.hidden_size,
+        num_layers=module.num_layers,
+        bias=module.bias,
+        batch_first=module.batch_first,
+        dropout=module.dropout,
+        bidirectional=module.bidirectional,
+        proj_size=module.proj_size,
+    )
 
 
 class LSTM(RNNBase):
@@ -62,6 +98,27 @@ class LSTM(RNNBase):
             device=device,
             dtype=dtype,
         )
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.LSTM) -> LSTM:
+        """An ``lstm_ext.LSTM`` equal to ``module``, a :class:`torch.nn.LSTM`.
+
+        Same configuration, device, dtype, parameter values, requires_grad flags and training
+        mode. The parameters are copied: the two modules do not share storage afterwards.
+        """
+        if not isinstance(module, torch.nn.LSTM):
+            raise TypeError(
+                f"lstm_ext.LSTM.from_torch expects a torch.nn.LSTM, got {type(module).__name__}"
+            )
+        return _converted(module, cls, _lstm_config(module))
+
+    def to_torch(self) -> torch.nn.LSTM:
+        """A :class:`torch.nn.LSTM` equal to this module, e.g. for export or deployment.
+
+        Same configuration, device, dtype, parameter values, requires_grad flags and training
+        mode; the parameters are copied.
+        """
+        return _converted(self, torch.nn.LSTM, _lstm_config(self))
 
     def get_expected_cell_size(
         self, input: Tensor, batch_sizes: Tensor | None
@@ -207,6 +264,27 @@ class LSTMCell(RNNCellBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.LSTMCell) -> LSTMCell:
+        """An ``lstm_ext.LSTMCell`` equal to ``module``, a :class:`torch.nn.LSTMCell`.
+
+        Same sizes, bias, device, dtype, parameter values, requires_grad flags and training
+        mode; the parameters are copied.
+        """
+        if not isinstance(module, torch.nn.LSTMCell):
+            raise TypeError(
+                "lstm_ext.LSTMCell.from_torch expects a torch.nn.LSTMCell, got "
+                f"{type(module).__name__}"
+            )
+        config = dict(input_size=module.input_size, hidden_size=module.hidden_size,
+                      bias=module.bias)
+        return _converted(module, cls, config)
+
+    def to_torch(self) -> torch.nn.LSTMCell:
+        """A :class:`torch.nn.LSTMCell` equal to this cell; the parameters are copied."""
+        config = dict(input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
+        return _converted(self, torch.nn.LSTMCell, config)
 
     def forward(  # type: ignore[override]
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None

@@ -91,6 +91,19 @@ inline int64_t panel_column_count(const PackedB& b, int64_t panel, int64_t vec) 
   return std::clamp<int64_t>(limit - panel_column(b, panel, vec), 0, kVecWidth);
 }
 
+// dst[j * ld_dst + i] = src[i * ld_src + j] for a kVecWidth x kVecWidth block.
+inline void transpose_vector_block(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, kVecWidth, kVecWidth);
+#elif defined(CPU_CAPABILITY_AVX2)
+  at::vec::transpose_mxn<float, 8, 8>(src, ld_src, dst, ld_dst);
+#else
+  for (int64_t i = 0; i < kVecWidth; ++i) {
+    for (int64_t j = 0; j < kVecWidth; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+  }
+#endif
+}
+
 // Packs B given by element (k, col) = src[k * k_stride + col * col_stride].
 inline PackedB pack_b(const float* src, int64_t k_stride, int64_t col_stride, int64_t k,
                       int64_t cols, ColumnOrder order) {
@@ -103,13 +116,26 @@ inline PackedB pack_b(const float* src, int64_t k_stride, int64_t col_stride, in
   b.panels = (width + per_panel - 1) / per_panel;
   b.data = at::empty({b.panels, k, kPanelWidth}, at::TensorOptions().dtype(at::kFloat));
   float* dst = b.data.data_ptr<float>();
-  at::parallel_for(0, b.panels, 1, [&](int64_t begin, int64_t end) {
+  // B = W^T of a row-major W (the forward weights): each vector's columns are rows of W,
+  // contiguous in k, so blocks of them are transposed with SIMD shuffles.
+  const bool transposed = k_stride == 1 && col_stride != 1;
+  constexpr int64_t kMinElementsPerTask = 1 << 16;
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, k * kPanelWidth));
+  at::parallel_for(0, b.panels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t v = 0; v < kPanelVecs; ++v) {
         const int64_t col0 = panel_column(b, p, v);
         const int64_t count = panel_column_count(b, p, v);
-        for (int64_t kk = 0; kk < k; ++kk) {
-          float* out = dst + (p * k + kk) * kPanelWidth + v * kVecWidth;
+        float* panel = dst + p * k * kPanelWidth + v * kVecWidth;
+        int64_t kk = 0;
+        if (transposed && count == kVecWidth) {
+          for (; kk + kVecWidth <= k; kk += kVecWidth) {
+            transpose_vector_block(src + col0 * col_stride + kk, col_stride,
+                                   panel + kk * kPanelWidth, kPanelWidth);
+          }
+        }
+        for (; kk < k; ++kk) {
+          float* out = panel + kk * kPanelWidth;
           const float* in = src + kk * k_stride + col0 * col_stride;
           int64_t l = 0;
           for (; l < count; ++l) out[l] = in[l * col_stride];

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lstm_ext import ops
 
-__all__ = ["lstm", "lstm_cell"]
+__all__ = ["autocast_cast", "autocast_dtype", "lstm", "lstm_cell"]
 
 # How ATen names dtypes in its messages ("mat1 and mat2 must have the same dtype, but got Double
 # and Float").
@@ -50,6 +50,33 @@ def _check_matmul_dtype(lhs: Tensor, weight: Tensor) -> None:
             "mat1 and mat2 must have the same dtype, but got "
             f"{_aten_dtype_name(lhs.dtype)} and {_aten_dtype_name(weight.dtype)}"
         )
+
+
+def autocast_dtype(
+    device: torch.device, packed: bool = False, projections: bool = False, cell: bool = False
+) -> torch.dtype | None:
+    """The dtype torch.nn.LSTM (or LSTMCell, with cell) computes in under torch.autocast.
+
+    None when autocast leaves it alone. Measured on torch 2.13: on CUDA, cuDNN's autocast wrapper
+    casts every RNN call, padded or packed, and ``lstm_cell`` is on the lower-precision list. On
+    the CPU, oneDNN's LSTM layer is on that list and runs padded input without projections; with
+    projections torch's native path runs, whose GEMMs (``linear``) autocast, so its outputs come
+    out in the lower precision too (its cell state excepted, see lstm_ext.LSTM); packed input
+    without projections and LSTMCell run in their own dtype.
+    """
+    kind = device.type
+    if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
+        return None
+    if kind == "cpu" and (cell or (packed and not projections)):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def autocast_cast(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Casts as autocast casts an op's arguments: floating-point tensors, float64 excepted."""
+    if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float64:
+        return tensor
+    return tensor.to(dtype)
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:

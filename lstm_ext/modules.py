@@ -233,6 +233,29 @@ class LSTM(RNNBase):
         # Read the parameters by name, not from the cached _flat_weights, so that
         # torch.func.functional_call and parametrizations see the tensors they substitute.
         weights = [getattr(self, name) for name in self._flat_weights_names]
+        cast_to = functional.autocast_dtype(
+            input.device, packed=batch_sizes is not None, projections=self.proj_size > 0
+        )
+        if cast_to is None:
+            return self._lstm(input, hx, weights, batch_sizes)
+        # Under torch.autocast: compute in the lower precision, as torch.nn.LSTM does.
+        state_dtype = hx[1].dtype
+        input = functional.autocast_cast(input, cast_to)
+        hx = (functional.autocast_cast(hx[0], cast_to), functional.autocast_cast(hx[1], cast_to))
+        weights = [functional.autocast_cast(w, cast_to) for w in weights]
+        with torch.autocast(input.device.type, enabled=False):
+            output, h_n, c_n = self._lstm(input, hx, weights, batch_sizes)
+        if self.proj_size > 0 and input.device.type == "cpu":
+            # torch's CPU LSTM with projections (its native path) keeps the cell state in the
+            # dtype of c_0 (promoted with the gates'), so its c_n comes out in that dtype; ours
+            # is computed in the lower precision and returned in that dtype.
+            c_n = c_n.to(torch.promote_types(state_dtype, cast_to))
+        return output, h_n, c_n
+
+    def _lstm(
+        self, input: Tensor, hx: tuple[Tensor, Tensor], weights: list[Tensor],
+        batch_sizes: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         return functional.lstm(
             input,
             hx,
@@ -309,9 +332,17 @@ class LSTMCell(RNNCellBase):
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        h, c = functional.lstm_cell(
-            input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
-        )
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        cast_to = functional.autocast_dtype(input.device, cell=True)
+        if cast_to is None:
+            h, c = functional.lstm_cell(input, hx, *weights)
+        else:
+            # Under torch.autocast on CUDA, lstm_cell computes in the lower precision.
+            input = functional.autocast_cast(input, cast_to)
+            hx = (functional.autocast_cast(hx[0], cast_to), functional.autocast_cast(hx[1], cast_to))
+            weights = tuple(functional.autocast_cast(w, cast_to) for w in weights)
+            with torch.autocast(input.device.type, enabled=False):
+                h, c = functional.lstm_cell(input, hx, *weights)
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c

@@ -527,3 +527,78 @@ def test_runs_on_a_non_current_device():
         output, _ = lstm(x)
     expected, _ = copy.deepcopy(lstm).cpu()(x.cpu())
     _assert_close(output.cpu(), expected, torch.float64, "output on cuda:1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Projections, packed batches and autocast on CUDA.
+
+PROJ_PACKED_CASES = [
+    # proj_size, lengths (None: padded), enforce_sorted
+    (3, None, True),
+    (0, [5, 5, 2, 1], True),
+    (0, [2, 5, 1, 4], False),
+    (2, [3, 5, 5, 1], False),
+]
+
+
+def _packed_run(module, padded, hx, lengths, enforce_sorted):
+    """Outputs (output data, h_n, c_n) and the gradients of padded, hx and every parameter."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    x = padded if lengths is None else pack_padded_sequence(
+        padded, lengths, enforce_sorted=enforce_sorted)
+    output, (h_n, c_n) = module(x, hx)
+    outputs = (output if lengths is None else output.data, h_n, c_n)
+    inputs = [padded, *hx, *module.parameters()]
+    return outputs, torch.autograd.grad(outputs, inputs, _cotangents(outputs))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("proj,lengths,enforce_sorted", PROJ_PACKED_CASES, ids=str)
+def test_projections_and_packed_on_cuda_match_torch_on_cpu(no_tf32, dtype, proj, lengths,
+                                                           enforce_sorted):
+    kwargs = dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True, proj_size=proj)
+    theirs = torch.nn.LSTM(**kwargs, dtype=dtype)
+    ours = lstm_ext.LSTM.from_torch(theirs).cuda()
+    padded = torch.randn(5, 4, 4, dtype=dtype)
+    hx = (torch.randn(4, 4, proj or 6, dtype=dtype), torch.randn(4, 4, 6, dtype=dtype))
+    expected, grads_e = _packed_run(theirs, _leaf(padded, "cpu"),
+                                    tuple(_leaf(t, "cpu") for t in hx), lengths, enforce_sorted)
+    actual, grads_a = _packed_run(ours, _leaf(padded, "cuda"),
+                                  tuple(_leaf(t, "cuda") for t in hx), lengths, enforce_sorted)
+    for i, (a, e) in enumerate(zip([*actual, *grads_a], [*expected, *grads_e])):
+        assert a.device.type == "cuda"
+        _assert_close(a.cpu(), e, dtype, f"result {i}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("proj,lengths,enforce_sorted", PROJ_PACKED_CASES, ids=str)
+def test_cuda_autocast_dtypes_match_torch(dtype, proj, lengths, enforce_sorted):
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+    theirs = torch.nn.LSTM(4, 6, num_layers=2, proj_size=proj, device="cuda")
+    ours = lstm_ext.LSTM.from_torch(theirs)
+    padded = torch.randn(5, 4, 4, device="cuda")
+    x = padded if lengths is None else pack_padded_sequence(
+        padded, lengths, enforce_sorted=enforce_sorted)
+    with torch.autocast("cuda", dtype=dtype):
+        results = [module(x) for module in (theirs, ours)]
+    flat = [[o.data if isinstance(o, PackedSequence) else o, h, c] for o, (h, c) in results]
+    assert [t.dtype for t in flat[1]] == [t.dtype for t in flat[0]]
+    for a, e in zip(flat[1], flat[0]):
+        torch.testing.assert_close(a.float(), e.float(), rtol=0.05, atol=0.05)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_autocast_lstm_cell_dtypes_match_torch(dtype):
+    theirs = torch.nn.LSTMCell(4, 6, device="cuda")
+    ours = lstm_ext.LSTMCell.from_torch(theirs)
+    x = torch.randn(3, 4, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        expected, actual = theirs(x), ours(x)
+    assert [t.dtype for t in actual] == [t.dtype for t in expected]
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.float(), e.float(), rtol=0.05, atol=0.05)

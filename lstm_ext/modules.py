@@ -42,7 +42,7 @@ def _converted(source: torch.nn.Module, make: type[_Module], kwargs: dict) -> _M
         target = make(**kwargs, device="meta", dtype=first.dtype)
     target = target.to_empty(device=first.device)
     target.load_state_dict(source.state_dict())
-    for (name, theirs), ours in zip(source.named_parameters(), target.parameters()):
+    for theirs, ours in zip(source.parameters(), target.parameters()):
         ours.requires_grad_(theirs.requires_grad)
     return target.train(source.training)
 
@@ -339,7 +339,7 @@ class LSTMCell(RNNCellBase):
         else:
             # Under torch.autocast on CUDA, lstm_cell computes in the lower precision.
             input = functional.autocast_cast(input, cast_to)
-            hx = (functional.autocast_cast(hx[0], cast_to), functional.autocast_cast(hx[1], cast_to))
+            hx = tuple(functional.autocast_cast(state, cast_to) for state in hx)
             weights = tuple(functional.autocast_cast(w, cast_to) for w in weights)
             with torch.autocast(input.device.type, enabled=False):
                 h, c = functional.lstm_cell(input, hx, *weights)

@@ -87,12 +87,16 @@ def test_inductor_dynamic_training_and_inference():
     model = Model(num_layers=2, bidirectional=True, proj_size=3)
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, fullgraph=True, backend=counter, dynamic=True)
-    for batch, steps in SHAPES[:2]:
+    compiled_after_first_shape = None
+    for batch, steps in SHAPES[:3]:
         _check_training_step(model, compiled, torch.randn(batch, steps, 4, requires_grad=True))
         with torch.no_grad():
             x = torch.randn(batch, steps, 4)
             torch.testing.assert_close(compiled(x), model(x), **TOL)
-    assert counter.frame_count == 2  # one training graph, one inference graph
+        # Backend calls, not recompilations, are counted: with a cold inductor cache Dynamo may
+        # call the backend twice for one frame. What matters: new shapes compile nothing.
+        compiled_after_first_shape = compiled_after_first_shape or counter.frame_count
+    assert counter.frame_count == compiled_after_first_shape
 
 
 def test_eval_mode_and_initial_state_compile():

@@ -66,7 +66,9 @@ PARITY_SCRIPT = textwrap.dedent(
             padded = torch.randn(7, 5, 6, dtype=dtype, requires_grad=True)
             results = []
             for m in (theirs, ours):
-                x = pack_padded_sequence(padded, [7, 3, 6, 1, 7], enforce_sorted=False) if packed else padded
+                x = padded
+                if packed:
+                    x = pack_padded_sequence(padded, [7, 3, 6, 1, 7], enforce_sorted=False)
                 out, (h, c) = m(x)
                 out = out.data if packed else out
                 loss = out.square().sum() + 2 * h.sum() + c.square().sum()

@@ -98,7 +98,8 @@ SCRIPT = textwrap.dedent(
 def test_ddp_two_processes_match_single_process(tmp_path):
     script = tmp_path / "ddp_lstm.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
         text=True, timeout=300,

@@ -4,7 +4,6 @@ train()/eval(), flatten_parameters(), repr, torch.func.functional_call."""
 from __future__ import annotations
 
 import copy
-import io
 import pickle
 import warnings
 

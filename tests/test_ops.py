@@ -28,7 +28,9 @@ def _layer_args(steps=4, batch=3, features=5, hidden=6, bias=True, dtype=torch.f
 @pytest.mark.parametrize("bias", [True, False])
 def test_lstm_forward_matches_reference(dtype, reverse, bias):
     args = _layer_args(bias=bias, dtype=dtype, requires_grad=True)
-    out, h_n, c_n, saved_gates, saved_cells, saved_hidden = ops.lstm_forward(*args, reverse=reverse, training=True)
+    out, h_n, c_n, saved_gates, saved_cells, saved_hidden = ops.lstm_forward(
+        *args, reverse=reverse, training=True
+    )
     ref_out, ref_h, ref_c = reference.lstm_layer(*args, reverse=reverse)
     tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(out, ref_out, **tol)
@@ -289,7 +291,8 @@ def test_opcheck_projection_and_packed(training, reverse, proj, packed):
         (lambda a: {**a, "w_hr": a["w_hr"][0]}, r"expected w_hr of shape \[P, H\], got \[6\]"),
         (lambda a: {**a, "h0": a["h0"][:, :2]},
          r"expected h0 of shape \[N, P\] = \[4, 3\], got \[4, 2\]"),
-        (lambda a: {**a, "w_hr": a["w_hr"].float()}, r"w_hr has dtype Float but input has dtype Double"),
+        (lambda a: {**a, "w_hr": a["w_hr"].float()},
+         r"w_hr has dtype Float but input has dtype Double"),
     ],
 )
 def test_projection_rejects_bad_input(mutate, message):

@@ -82,7 +82,7 @@ def test_projection_unbatched_and_hidden_sizes_around_simd_width(dtype):
         x = torch.randn(4, 3, dtype=dtype, requires_grad=True)
         hx = (torch.randn(4, proj, dtype=dtype, requires_grad=True),
               torch.randn(4, hidden, dtype=dtype, requires_grad=True))
-        _compare(theirs, ours, lambda: x, hx, dtype, [x, *hx])
+        _compare(theirs, ours, lambda x=x: x, hx, dtype, [x, *hx])
 
 
 def test_projection_state_dict_and_repr_match_torch():
@@ -189,7 +189,7 @@ def test_packed_bad_hidden_state_raises_runtime_error_like_torch():
         "layers": (torch.zeros(1, 3, 3), torch.zeros(2, 3, 3)),
         "c hidden": (torch.zeros(2, 3, 3), torch.zeros(2, 3, 4)),
     }
-    for name, hx in cases.items():
+    for hx in cases.values():
         with pytest.raises(RuntimeError):
             torch.nn.LSTM(4, 3, 2)(packed, hx)
         with pytest.raises(RuntimeError, match=r"Expected hidden\[[01]\] size"):

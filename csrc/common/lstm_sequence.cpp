@@ -5,6 +5,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <array>
 #include <string>
 #include <vector>
 
@@ -208,6 +209,26 @@ at::Tensor flatten(const at::Tensor& t, const StepLayout& layout, int64_t width)
 // Index of the k-th processed step: the recurrence runs forward in time, or backward for `reverse`.
 int64_t step_time(int64_t k, int64_t steps, bool reverse) { return reverse ? steps - 1 - k : k; }
 
+// Rows [first, first + count) of a contiguous [rows, width] buffer, sharing its storage; the
+// buffer itself when that is all of it (every step of a padded batch). Built directly rather
+// than with narrow(): the loops take several such views per step, and a dispatcher call per view
+// costs more than a whole step at small sizes. Internal to the loop: no autograd, no view
+// tracking needed.
+at::Tensor row_block(const at::Tensor& buffer, int64_t first, int64_t count) {
+  TORCH_INTERNAL_ASSERT(buffer.dim() == 2 && buffer.is_contiguous());
+  if (first == 0 && count == buffer.size(0)) {
+    return buffer;
+  }
+  const int64_t width = buffer.size(1);
+  at::Tensor block = at::detail::make_tensor<c10::TensorImpl>(
+      c10::TensorImpl::VIEW, c10::Storage(buffer.storage()), buffer.key_set(), buffer.dtype());
+  const std::array<int64_t, 2> sizes{count, width}, strides{width, 1};
+  block.unsafeGetTensorImpl()->set_sizes_and_strides(
+      at::IntArrayRef(sizes), at::IntArrayRef(strides),
+      std::make_optional(buffer.storage_offset() + first * width));
+  return block;
+}
+
 // The state entering a step that has more rows than the step processed before it (the reverse
 // direction of a packed batch, where shorter sequences join late): its first rows continue from
 // the previous step, the others start from the initial state. Gathered into `buffer`.
@@ -217,9 +238,9 @@ at::Tensor joined_state(at::Tensor& buffer, const at::Tensor& continuing,
     buffer = at::empty_like(initial, at::MemoryFormat::Contiguous);
   }
   const int64_t kept = continuing.size(0);
-  buffer.narrow(0, 0, kept).copy_(continuing);
-  buffer.narrow(0, kept, rows - kept).copy_(initial.narrow(0, kept, rows - kept));
-  return buffer.narrow(0, 0, rows);
+  row_block(buffer, 0, kept).copy_(continuing);
+  row_block(buffer, kept, rows - kept).copy_(row_block(initial, kept, rows - kept));
+  return row_block(buffer, 0, rows);
 }
 
 // The state h_{t-1} or c_{t-1} entering the k-th processed step, from the [rows, width] buffer
@@ -228,11 +249,14 @@ at::Tensor previous_state(const at::Tensor& states, const at::Tensor& initial, a
                           const StepLayout& layout, int64_t k, bool reverse) {
   const int64_t rows = layout.size(step_time(k, layout.steps, reverse));
   if (k == 0) {
-    return initial.narrow(0, 0, rows);
+    return row_block(initial, 0, rows);
   }
   const int64_t prev_t = step_time(k - 1, layout.steps, reverse);
-  const at::Tensor prev = states.narrow(0, layout.offset(prev_t), layout.size(prev_t));
-  return rows <= prev.size(0) ? prev.narrow(0, 0, rows) : joined_state(join, prev, initial, rows);
+  const int64_t prev_rows = layout.size(prev_t);
+  if (rows <= prev_rows) {
+    return row_block(states, layout.offset(prev_t), rows);
+  }
+  return joined_state(join, row_block(states, layout.offset(prev_t), prev_rows), initial, rows);
 }
 
 // The loop itself, on 2-D buffers: x [rows, C] contiguous; returns (output [rows, P], h_n [N, P],
@@ -292,12 +316,12 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
     const int64_t n = layout.size(t), offset = layout.offset(t);
     const at::Tensor h_prev = previous_state(output, h0_c, h_join, layout, k, reverse);
     const at::Tensor c_prev = training ? previous_state(cells, c0_c, c_join, layout, k, reverse)
-                                       : c_n.narrow(0, 0, n);
-    at::Tensor gates_t = gates.narrow(0, offset, n);
-    at::Tensor c_t = training ? cells.narrow(0, offset, n) : c_n.narrow(0, 0, n);
-    at::Tensor h_t = output.narrow(0, offset, n);
+                                       : row_block(c_n, 0, n);
+    at::Tensor gates_t = row_block(gates, offset, n);
+    at::Tensor c_t = training ? row_block(cells, offset, n) : row_block(c_n, 0, n);
+    at::Tensor h_t = row_block(output, offset, n);
     if (projected) {
-      at::Tensor u_t = unprojected.narrow(0, training ? offset : 0, n);
+      at::Tensor u_t = row_block(unprojected, training ? offset : 0, n);
       backend.forward_step(h_prev, gates_t, c_prev, c_t, u_t, training);
       backend.project(u_t, h_t);
     } else {
@@ -306,9 +330,9 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
     // The sequences whose last step this is (rows the next step no longer has): final states.
     const int64_t next_n = k + 1 < steps ? layout.size(step_time(k + 1, steps, reverse)) : 0;
     if (next_n < n) {
-      h_n.narrow(0, next_n, n - next_n).copy_(h_t.narrow(0, next_n, n - next_n));
+      row_block(h_n, next_n, n - next_n).copy_(row_block(h_t, next_n, n - next_n));
       if (training) {
-        c_n.narrow(0, next_n, n - next_n).copy_(c_t.narrow(0, next_n, n - next_n));
+        row_block(c_n, next_n, n - next_n).copy_(row_block(c_t, next_n, n - next_n));
       }
     }
   }
@@ -328,16 +352,16 @@ at::Tensor gather_previous_hidden(const at::Tensor& output, const at::Tensor& h0
   for (const auto k : c10::irange(layout.steps)) {
     const int64_t t = step_time(k, layout.steps, reverse);
     const int64_t n = layout.size(t);
-    at::Tensor dst = previous.narrow(0, layout.offset(t), n);
+    at::Tensor dst = row_block(previous, layout.offset(t), n);
     if (k == 0) {
-      dst.copy_(h0.narrow(0, 0, n));
+      dst.copy_(row_block(h0, 0, n));
       continue;
     }
     const int64_t prev_t = step_time(k - 1, layout.steps, reverse);
     const int64_t kept = std::min(n, layout.size(prev_t));
-    dst.narrow(0, 0, kept).copy_(output.narrow(0, layout.offset(prev_t), kept));
+    row_block(dst, 0, kept).copy_(row_block(output, layout.offset(prev_t), kept));
     if (kept < n) {
-      dst.narrow(0, kept, n - kept).copy_(h0.narrow(0, kept, n - kept));
+      row_block(dst, kept, n - kept).copy_(row_block(h0, kept, n - kept));
     }
   }
   return previous;
@@ -396,22 +420,22 @@ BackwardResult lstm_backward_unchecked(const at::Tensor& d_out, const at::Tensor
       const int64_t t = step_time(forward_k, steps, reverse);
       const int64_t n = layout.size(t), offset = layout.offset(t);
       const at::Tensor c_prev = previous_state(cells, c0_c, c_join, layout, forward_k, reverse);
-      at::Tensor d_gates_t = d_gates.narrow(0, offset, n);
-      at::Tensor d_h_t = d_h.narrow(0, 0, n);
-      const at::Tensor d_out_t = d_out.narrow(0, offset, n);
+      at::Tensor d_gates_t = row_block(d_gates, offset, n);
+      at::Tensor d_h_t = row_block(d_h, 0, n);
+      const at::Tensor d_out_t = row_block(d_out, offset, n);
       const void* d_h_output = d_out_t.const_data_ptr();
       const void* d_h_recurrent = d_h_t.const_data_ptr();
       if (projected) {
-        at::Tensor total = d_h_total.narrow(0, offset, n);
+        at::Tensor total = row_block(d_h_total, offset, n);
         at::add_out(total, d_out_t, d_h_t);
-        at::Tensor d_unprojected_t = d_unprojected.narrow(0, 0, n);
+        at::Tensor d_unprojected_t = row_block(d_unprojected, 0, n);
         backend.project_backward(total, d_unprojected_t);
         d_h_output = d_unprojected_t.const_data_ptr();
         d_h_recurrent = zeros.const_data_ptr();
       }
       if (n > 0) {
-        const BackwardStepArgs args{gates.narrow(0, offset, n).const_data_ptr(),
-                                    cells.narrow(0, offset, n).const_data_ptr(),
+        const BackwardStepArgs args{row_block(gates, offset, n).const_data_ptr(),
+                                    row_block(cells, offset, n).const_data_ptr(),
                                     c_prev.const_data_ptr(),
                                     d_h_output,
                                     d_h_recurrent,

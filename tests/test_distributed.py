@@ -1,32 +1,32 @@
 """lstm_ext.LSTM under DistributedDataParallel: two CPU processes (gloo) give the gradients of one
 process training on the same global batch.
 
-A script in a subprocess forks the two workers before it has run any parallel region (forking a
-process whose OpenMP pool has started, like pytest's, can hang the child; fork rather than spawn
-saves each worker importing torch again). They rendezvous through a file:// init method and each
-run two training steps on its half of the batch (two, so the optimizer steps agree too).
+The two workers are fresh interpreters started with subprocess (no fork: forking a process that
+has started threads, as torch's compile machinery does, can hang the child at exit). They
+rendezvous through a file:// init method and each run two training steps on its half of the batch
+(two, so the optimizer steps agree too); this process computes the single-process reference
+meanwhile, from the same module file.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
 import textwrap
 
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-SCRIPT = textwrap.dedent(
+WORKER = textwrap.dedent(
     """
     import os
     import sys
 
     import torch
-    import torch._dynamo  # noqa: F401  DDP imports it lazily: once here, not in each forked worker
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-    from torch.nn.parallel import DistributedDataParallel
 
     import lstm_ext
 
@@ -68,41 +68,49 @@ SCRIPT = textwrap.dedent(
         return grads
 
 
-    def worker(rank, init_file, out_dir):
+    if __name__ == "__main__":
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        rank, out_dir = int(sys.argv[1]), sys.argv[2]
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=WORLD)
+        dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "rendezvous"),
+                                rank=rank, world_size=WORLD)
         torch.manual_seed(0)
         model = DistributedDataParallel(Model().double())
         grads = train(model, rank, WORLD)
         torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
-
-
-    if __name__ == "__main__":
-        out_dir = sys.argv[1]
-        mp.start_processes(worker, args=(os.path.join(out_dir, "rendezvous"), out_dir),
-                           nprocs=WORLD, start_method="fork")
-        torch.manual_seed(0)
-        expected = train(Model().double(), 0, 1)
-        for rank in range(WORLD):
-            actual = torch.load(os.path.join(out_dir, f"rank{rank}.pt"))
-            for step_actual, step_expected in zip(actual, expected, strict=True):
-                for a, e in zip(step_actual, step_expected, strict=True):
-                    torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
-        print("ok")
     """
 )
 
 
 def test_ddp_two_processes_match_single_process(tmp_path):
     script = tmp_path / "ddp_lstm.py"
-    script.write_text(SCRIPT)
+    script.write_text(WORKER)
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-1] == "ok"
+    workers = [
+        subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path)], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in range(2)
+    ]
+    spec = importlib.util.spec_from_file_location("ddp_lstm", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    expected = module.train(module.Model().double(), 0, 1)
+    try:
+        results = [worker.communicate(timeout=120) for worker in workers]
+    finally:
+        # A worker left running (timeout, or its peer failed) must not outlive the test.
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    for rank, (worker, (_, stderr)) in enumerate(zip(workers, results)):
+        assert worker.returncode == 0, f"rank {rank}: {stderr[-3000:]}"
+        actual = torch.load(tmp_path / f"rank{rank}.pt")
+        for step_actual, step_expected in zip(actual, expected, strict=True):
+            for a, e in zip(step_actual, step_expected, strict=True):
+                torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)

@@ -20,6 +20,8 @@ import sys
 import time
 from collections import defaultdict
 
+# _bench_utils also makes an in-place build of lstm_ext importable, so it comes before lstm_ext.
+import _bench_utils  # noqa: F401
 import torch
 from torch.profiler import ProfilerActivity, profile
 

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         ms = phase_us[key] / 1e3 / args.steps
         accounted += ms
         rate = flops[key] / (ms / 1e3) / 1e9 if ms > 0 else float("nan")
-        print(f"{label:52s} {ms:8.1f} {ms / per_step_ms:6.0%} {rate:8.0f}")
+        print(f"{label:52s} {ms:8.3f} {ms / per_step_ms:6.0%} {rate:8.0f}")
     rest = per_step_ms - accounted
     print(f"{'rest: autograd, allocation, bias, Python':52s} {rest:8.1f} {rest / per_step_ms:6.0%}")
     total_rate = sum(flops.values()) / (per_step_ms / 1e3) / 1e9

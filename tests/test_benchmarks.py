@@ -397,3 +397,15 @@ def test_train_adding_cuda_without_gpu_is_a_clear_error(
 ) -> None:
     assert adding.main([*TINY_ADDING, "--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_profile_lstm_reports_every_phase(capsys):
+    profile = _load("profile_lstm")
+    code = profile.main(["--seq-len", "3", "--batch", "2", "--hidden", "8", "--steps", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for label in profile.PHASES.values():
+        line = next(row for row in printed.splitlines() if row.startswith(label))
+        milliseconds = float(line[len(label):].split()[0])
+        assert milliseconds > 0, line
+    assert "whole step" in printed

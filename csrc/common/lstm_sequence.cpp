@@ -269,8 +269,8 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
                                      const std::optional<at::Tensor>& b_hh,
                                      const std::optional<at::Tensor>& w_hr, bool reverse,
                                      bool training, StepBackend& backend) {
-  // The buffers and views below are internal: without this guard every per-step narrow() would
-  // also build autograd view metadata (microseconds per step, felt at small sizes).
+  // The buffers and views below are internal: without this guard every view or in-place op on
+  // them would also do autograd view bookkeeping (microseconds per step, felt at small sizes).
   at::AutoDispatchBelowADInplaceOrView no_view_tracking;
   const int64_t steps = layout.steps, batch = layout.batch, rows = layout.rows;
   const int64_t hidden = w_hh.size(0) / 4, proj = w_hh.size(1);
@@ -378,8 +378,8 @@ BackwardResult lstm_backward_unchecked(const at::Tensor& d_out, const at::Tensor
                                        const at::Tensor& output, const at::Tensor& gates,
                                        const at::Tensor& cells, const at::Tensor& unprojected,
                                        bool reverse, StepBackend& backend) {
-  // The buffers and views below are internal: without this guard every per-step narrow() would
-  // also build autograd view metadata (microseconds per step, felt at small sizes).
+  // The buffers and views below are internal: without this guard every view or in-place op on
+  // them would also do autograd view bookkeeping (microseconds per step, felt at small sizes).
   at::AutoDispatchBelowADInplaceOrView no_view_tracking;
   const int64_t steps = layout.steps, batch = layout.batch, rows = layout.rows;
   const int64_t features = x.size(1);

@@ -272,3 +272,34 @@ def quiet_native_stderr() -> Iterator[None]:
             kept = [line for line in text.splitlines() if not line.startswith(_PROFILER_NOISE)]
             if kept:
                 print("\n".join(kept), file=sys.stderr)
+
+
+def select_device(text: str) -> tuple[Any, str | None]:
+    """The device to run on (a torch.device), or an error message saying why it cannot be used."""
+    import torch
+
+    import lstm_ext  # importable: ensure_lstm_ext_importable() ran when this module loaded
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        return None, f"unknown device {text!r}: use cpu, cuda or cuda:<index>"
+    if device.type == "cpu":
+        return device, None
+    if device.type != "cuda":
+        return None, f"device {text!r} is not supported: use cpu, cuda or cuda:<index>"
+    if not torch.cuda.is_available():
+        return None, (
+            f"--device {text} was requested, but torch sees no CUDA GPU (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). Run on a machine "
+            "with a GPU and a CUDA build of torch, or use --device cpu."
+        )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        return None, f"--device {text}: only {torch.cuda.device_count()} GPU(s) visible"
+    if "cuda" not in lstm_ext.compiled_backends():
+        return None, (
+            "--device cuda: this lstm_ext was built without its CUDA kernels "
+            f"(build_info: {lstm_ext.build_info()}). Rebuild it where a CUDA toolkit is found."
+        )
+    return torch.device("cuda", index), None

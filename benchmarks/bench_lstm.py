@@ -1073,33 +1073,6 @@ def write_plot(path: str, payload: dict[str, Any]) -> None:
 # Entry point
 
 
-def _select_device(text: str) -> tuple[torch.device | None, str | None]:
-    """The device to run on, or an error message saying why it cannot be used."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        return None, f"unknown device {text!r}: use cpu, cuda or cuda:<index>"
-    if device.type == "cpu":
-        return device, None
-    if device.type != "cuda":
-        return None, f"device {text!r} is not supported: use cpu, cuda or cuda:<index>"
-    if not torch.cuda.is_available():
-        return None, (
-            f"--device {text} was requested, but torch sees no CUDA GPU (torch "
-            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). Run on a machine "
-            "with a GPU and a CUDA build of torch, or use --device cpu."
-        )
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index >= torch.cuda.device_count():
-        return None, f"--device {text}: only {torch.cuda.device_count()} GPU(s) visible"
-    if "cuda" not in lstm_ext.compiled_backends():
-        return None, (
-            "--device cuda: this lstm_ext was built without its CUDA kernels "
-            f"(build_info: {lstm_ext.build_info()}). Rebuild it where a CUDA toolkit is found."
-        )
-    return torch.device("cuda", index), None
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 if every variant ran and lstm_ext matched every baseline, else 1."""
     parser = build_parser()
@@ -1115,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads must be >= 1")
     if args.plot and not bu.require_matplotlib():
         return 2
-    device, problem = _select_device(args.device)
+    device, problem = bu.select_device(args.device)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     rest = per_step_ms - accounted
     print(f"{'rest: autograd, allocation, bias, Python':52s} {rest:8.1f} {rest / per_step_ms:6.0%}")
     total_rate = sum(flops.values()) / (per_step_ms / 1e3) / 1e9
-    print(f"{'whole step (GEMM FLOPs / wall time)':52s} {per_step_ms:8.1f} {1:6.0%} {total_rate:8.0f}")
+    whole = "whole step (GEMM FLOPs / wall time)"
+    print(f"{whole:52s} {per_step_ms:8.1f} {1:6.0%} {total_rate:8.0f}")
     return 0
 
 

@@ -166,24 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _select_device(text: str) -> tuple[torch.device | None, str | None]:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        return None, f"unknown device {text!r}: use cpu, cuda or cuda:<index>"
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return None, (
-                f"--device {text} was requested, but torch sees no CUDA GPU; use --device cpu"
-            )
-        if "cuda" not in lstm_ext.compiled_backends():
-            return None, "--device cuda: this lstm_ext was built without its CUDA kernels"
-        return torch.device("cuda", device.index or 0), None
-    if device.type != "cpu":
-        return None, f"device {text!r} is not supported: use cpu, cuda or cuda:<index>"
-    return device, None
-
-
 def train(
     models: dict[str, AddingModel],
     args: argparse.Namespace,
@@ -409,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{option.replace('_', '-')} is too small: {getattr(args, option)}")
     if args.plot and not bu.require_matplotlib():
         return 2
-    device, problem = _select_device(args.device)
+    device, problem = bu.select_device(args.device)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2

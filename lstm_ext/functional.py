@@ -1,8 +1,8 @@
 """Functional LSTM on lstm_ext's fused operators: layers x directions, dropout between layers.
 
-:func:`lstm` takes the arguments of ``torch._VF.lstm`` (what ``torch.nn.LSTM.forward`` calls), and
-:func:`lstm_cell` those of ``torch._VF.lstm_cell``, so the modules are thin. Both answer the mistakes
-that the ATen LSTM checks catch with ATen's exception types and messages.
+:func:`lstm` takes the arguments of ``torch._VF.lstm`` (what ``torch.nn.LSTM.forward`` calls),
+and :func:`lstm_cell` those of ``torch._VF.lstm_cell``, so the modules are thin. Both answer the
+mistakes that the ATen LSTM checks catch with ATen's exception types and messages.
 
 Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``P`` projection size
 (``P = H`` without projections), ``L`` layers, ``D`` directions; ``rows`` the rows of a packed

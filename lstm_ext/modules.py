@@ -1,14 +1,15 @@
-"""``lstm_ext.LSTM`` and ``lstm_ext.LSTMCell``: drop-ins for ``torch.nn.LSTM`` / ``torch.nn.LSTMCell``.
+"""``lstm_ext.LSTM`` and ``lstm_ext.LSTMCell``: drop-ins for ``torch.nn.LSTM`` / ``LSTMCell``.
 
 They subclass torch's ``RNNBase`` / ``RNNCellBase``, so the constructor, its argument checks, the
-parameter names, shapes and initialization, ``state_dict``, ``repr`` and ``flatten_parameters()`` are
-torch's own, and a ``state_dict`` moves between the two implementations without conversion. Only
-``forward`` differs: it runs lstm_ext's fused operators.
+parameter names, shapes and initialization, ``state_dict`` and ``repr`` are torch's own, and a
+``state_dict`` moves between the two implementations without conversion. ``forward`` runs
+lstm_ext's fused operators.
 
 Why not subclass ``torch.nn.LSTM`` itself: ``torch.compile`` refuses to trace any instance of
 ``torch.nn.LSTM`` (Dynamo graph-breaks on RNN/GRU/LSTM), which would make ``fullgraph=True`` fail.
 
-Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``L`` layers, ``D`` directions.
+Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``L`` layers,
+``D`` directions.
 """
 
 from __future__ import annotations

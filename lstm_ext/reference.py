@@ -1,8 +1,9 @@
 """The LSTM in plain PyTorch ops: the oracle for tests and a baseline for benchmarks.
 
 Same math as ``torch.nn.LSTM`` (gate order i, f, g, o) and the same calling convention as
-:func:`lstm_ext.functional.lstm`, with the input projection hoisted out of the time loop as the fused
-kernels do. Autograd differentiates it, to any order. It is itself tested equal to ``torch.nn.LSTM``.
+:func:`lstm_ext.functional.lstm`, with the input projection hoisted out of the time loop as the
+fused kernels do. Autograd differentiates it, to any order. It is itself tested equal to
+``torch.nn.LSTM``.
 
 Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``P`` projection size
 (``P = H`` without projections), ``L`` layers, ``D`` directions; ``rows`` the rows of a packed

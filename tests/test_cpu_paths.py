@@ -38,8 +38,9 @@ PARITY_SCRIPT = textwrap.dedent(
     ]
     for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
         for T, N, C, H, L, bi, bf, bias in cases:
-            theirs = torch.nn.LSTM(C, H, L, bias=bias, batch_first=bf, bidirectional=bi, dtype=dtype)
-            ours = lstm_ext.LSTM(C, H, L, bias=bias, batch_first=bf, bidirectional=bi, dtype=dtype)
+            config = dict(bias=bias, batch_first=bf, bidirectional=bi, dtype=dtype)
+            theirs = torch.nn.LSTM(C, H, L, **config)
+            ours = lstm_ext.LSTM(C, H, L, **config)
             ours.load_state_dict(theirs.state_dict())
             x = torch.randn((N, T, C) if bf else (T, N, C), dtype=dtype, requires_grad=True)
             D = 2 if bi else 1
@@ -99,7 +100,11 @@ def test_cpu_path_matches_torch(capability):
         pytest.skip(f"this CPU lacks {capability}")
     env = {**os.environ, "LSTM_EXT_CPU_CAPABILITY": capability}
     result = subprocess.run(
-        [sys.executable, "-c", PARITY_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", PARITY_SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -44,8 +44,10 @@ def test_constructor_errors(kwargs):
 
 
 def _x(*shape, dtype=torch.float32, device="cpu"):
-    return torch.randn(*shape, dtype=dtype, device=device) if device != "meta" else torch.empty(
-        *shape, dtype=dtype, device=device
+    return (
+        torch.randn(*shape, dtype=dtype, device=device)
+        if device != "meta"
+        else torch.empty(*shape, dtype=dtype, device=device)
     )
 
 
@@ -67,13 +69,22 @@ FORWARD_CASES = {
     "hx rank for unbatched input": (dict(), lambda: _x(5, 4), lambda: (_x(2, 1, 3), _x(2, 3))),
     "unbatched h0 shape": (dict(), lambda: _x(5, 4), lambda: (_x(2, 4), _x(2, 3))),
     "hx not a pair of 3-D": (dict(), lambda: _x(5, 2, 4), lambda: _x(2, 2, 3)),
-    "bidirectional h0 layers": (dict(bidirectional=True), lambda: _x(5, 2, 4),
-                                lambda: (_x(2, 2, 3), _x(4, 2, 3))),
+    "bidirectional h0 layers": (
+        dict(bidirectional=True),
+        lambda: _x(5, 2, 4),
+        lambda: (_x(2, 2, 3), _x(4, 2, 3)),
+    ),
     "input on another device": (dict(), lambda: _x(5, 2, 4, device="meta"), None),
-    "h0 on another device": (dict(), lambda: _x(5, 2, 4),
-                             lambda: (_x(2, 2, 3, device="meta"), _x(2, 2, 3))),
-    "c0 on another device": (dict(), lambda: _x(5, 2, 4),
-                             lambda: (_x(2, 2, 3), _x(2, 2, 3, device="meta"))),
+    "h0 on another device": (
+        dict(),
+        lambda: _x(5, 2, 4),
+        lambda: (_x(2, 2, 3, device="meta"), _x(2, 2, 3)),
+    ),
+    "c0 on another device": (
+        dict(),
+        lambda: _x(5, 2, 4),
+        lambda: (_x(2, 2, 3), _x(2, 2, 3, device="meta")),
+    ),
 }
 
 
@@ -137,7 +148,11 @@ def test_cell_device_mismatch_is_a_clear_error():
     # torch's message for this depends on the device pair and the kernel that notices; ours names
     # both devices.
     cell = lstm_ext.LSTMCell(4, 3)
-    with pytest.raises(RuntimeError, match=re.escape(
-        "Expected all tensors to be on the same device, but found at least two devices, cpu and meta!"
-    )):
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
+            "Expected all tensors to be on the same device, but found at least two devices, "
+            "cpu and meta!"
+        ),
+    ):
         cell(torch.empty(2, 4, device="meta"))

@@ -84,24 +84,36 @@ def test_lstm_parity(dtype, num_layers, bidirectional, batch_first, bias, with_s
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", [1, 8, 13, 16, 37])
 def test_lstm_parity_sizes_around_simd_width(dtype, hidden):
-    # 8 floats / 4 doubles per AVX2 vector: these sizes exercise the vector body and the scalar tail.
-    _check_parity(dtype, (4, 5, 3), (2, 5, hidden), True, input_size=3, hidden_size=hidden,
-                  bidirectional=True)
+    # 8 floats / 4 doubles per AVX2 vector: these sizes exercise the vector body and the scalar
+    # tail.
+    _check_parity(
+        dtype, (4, 5, 3), (2, 5, hidden), True, input_size=3, hidden_size=hidden, bidirectional=True
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("steps,batch", [(1, 3), (6, 1), (1, 1)])
 def test_lstm_parity_short_and_single(dtype, steps, batch):
-    _check_parity(dtype, (steps, batch, 4), (2, batch, 9), True, input_size=4, hidden_size=9,
-                  num_layers=2)
+    _check_parity(
+        dtype, (steps, batch, 4), (2, batch, 9), True, input_size=4, hidden_size=9, num_layers=2
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_lstm_unbatched(dtype, batch_first, with_state):
-    _check_parity(dtype, (5, 4), (4, 6), with_state, input_size=4, hidden_size=6, num_layers=2,
-                  bidirectional=True, batch_first=batch_first)
+    _check_parity(
+        dtype,
+        (5, 4),
+        (4, 6),
+        with_state,
+        input_size=4,
+        hidden_size=6,
+        num_layers=2,
+        bidirectional=True,
+        batch_first=batch_first,
+    )
 
 
 def test_lstm_zero_batch():
@@ -126,8 +138,9 @@ def test_lstm_in_inference_mode_and_no_grad():
 
 
 def test_lstm_dropout_between_layers():
-    theirs, ours = paired_lstms(torch.float64, input_size=3, hidden_size=5, num_layers=3,
-                                dropout=0.5)
+    theirs, ours = paired_lstms(
+        torch.float64, input_size=3, hidden_size=5, num_layers=3, dropout=0.5
+    )
     x = torch.randn(6, 4, 3, dtype=torch.float64)
     # eval(): dropout off, exact parity.
     theirs.eval()
@@ -164,8 +177,10 @@ def test_lstm_cell_parity(dtype, bias, batched, with_state):
     state_shape = (4, 11) if batched else (11,)
     hx = None
     if with_state:
-        hx = (torch.randn(state_shape, dtype=dtype, requires_grad=True),
-              torch.randn(state_shape, dtype=dtype, requires_grad=True))
+        hx = (
+            torch.randn(state_shape, dtype=dtype, requires_grad=True),
+            torch.randn(state_shape, dtype=dtype, requires_grad=True),
+        )
     expected = theirs(x, hx)
     actual = ours(x, hx)
     for name, a, e in zip(("h", "c"), actual, expected):

@@ -11,14 +11,18 @@ from lstm_ext import ops, reference
 OPS = ["lstm_forward", "_lstm_backward", "lstm_cell_forward", "_lstm_cell_backward"]
 
 
-def _layer_args(steps=4, batch=3, features=5, hidden=6, bias=True, dtype=torch.float64,
-                requires_grad=False):
+def _layer_args(
+    steps=4, batch=3, features=5, hidden=6, bias=True, dtype=torch.float64, requires_grad=False
+):
     def make(*shape):
         return torch.randn(*shape, dtype=dtype, requires_grad=requires_grad)
 
     x, h0, c0 = make(steps, batch, features), make(batch, hidden), make(batch, hidden)
     w_ih, w_hh = make(4 * hidden, features) * 0.5, make(4 * hidden, hidden) * 0.5
-    w_ih, w_hh = w_ih.detach().requires_grad_(requires_grad), w_hh.detach().requires_grad_(requires_grad)
+    w_ih, w_hh = (
+        w_ih.detach().requires_grad_(requires_grad),
+        w_hh.detach().requires_grad_(requires_grad),
+    )
     b_ih, b_hh = (make(4 * hidden), make(4 * hidden)) if bias else (None, None)
     return x, h0, c0, w_ih, w_hh, b_ih, b_hh
 
@@ -75,14 +79,17 @@ def test_lstm_forward_gradcheck(reverse, bias):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_lstm_cell_forward_gradcheck(bias):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = _layer_args(steps=1, batch=2, features=3, hidden=4,
-                                                     bias=bias, requires_grad=True)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = _layer_args(
+        steps=1, batch=2, features=3, hidden=4, bias=bias, requires_grad=True
+    )
 
     def f(*tensors):
         h, c, _ = ops.lstm_cell_forward(*tensors, training=True)
         return h, c
 
-    assert torch.autograd.gradcheck(f, (x[0].detach().requires_grad_(), h0, c0, w_ih, w_hh, b_ih, b_hh))
+    assert torch.autograd.gradcheck(
+        f, (x[0].detach().requires_grad_(), h0, c0, w_ih, w_hh, b_ih, b_hh)
+    )
 
 
 def _backward_args(reverse=False):
@@ -172,18 +179,41 @@ def test_non_contiguous_inputs():
 @pytest.mark.parametrize(
     "mutate,message",
     [
-        (lambda a: {**a, "input": a["input"][0]}, r"expected input of shape \[T, N, C\], got \[3, 5\]"),
+        (
+            lambda a: {**a, "input": a["input"][0]},
+            r"expected input of shape \[T, N, C\], got \[3, 5\]",
+        ),
         (lambda a: {**a, "input": a["input"][:0]}, r"expected sequence length T > 0"),
-        (lambda a: {**a, "h0": a["h0"][:2]}, r"expected h0 of shape \[N, H\] = \[3, 6\], got \[2, 6\]"),
-        (lambda a: {**a, "c0": a["c0"][:, :5]}, r"expected c0 of shape \[N, H\] = \[3, 6\], got \[3, 5\]"),
-        (lambda a: {**a, "w_ih": a["w_ih"][:, :4]}, r"expected w_ih of shape \[4H, C\] = \[24, 5\], got \[24, 4\]"),
-        (lambda a: {**a, "w_hh": a["w_hh"][:20]}, r"expected w_hh of shape \[4H, H\], got \[20, 6\]"),
-        (lambda a: {**a, "b_hh": a["b_hh"][:5]}, r"expected b_hh of shape \[4H\] = \[24\], got \[5\]"),
+        (
+            lambda a: {**a, "h0": a["h0"][:2]},
+            r"expected h0 of shape \[N, H\] = \[3, 6\], got \[2, 6\]",
+        ),
+        (
+            lambda a: {**a, "c0": a["c0"][:, :5]},
+            r"expected c0 of shape \[N, H\] = \[3, 6\], got \[3, 5\]",
+        ),
+        (
+            lambda a: {**a, "w_ih": a["w_ih"][:, :4]},
+            r"expected w_ih of shape \[4H, C\] = \[24, 5\], got \[24, 4\]",
+        ),
+        (
+            lambda a: {**a, "w_hh": a["w_hh"][:20]},
+            r"expected w_hh of shape \[4H, H\], got \[20, 6\]",
+        ),
+        (
+            lambda a: {**a, "b_hh": a["b_hh"][:5]},
+            r"expected b_hh of shape \[4H\] = \[24\], got \[5\]",
+        ),
         (lambda a: {**a, "b_hh": None}, r"b_ih and b_hh must be given together"),
         (lambda a: {**a, "c0": a["c0"].float()}, r"c0 has dtype Float but input has dtype Double"),
-        (lambda a: {**a, "w_ih": a["w_ih"].float()}, r"w_ih has dtype Float but input has dtype Double"),
-        (lambda a: {**{k: v.long() if v is not None else None for k, v in a.items()}},
-         r"expected a floating-point input, got dtype Long"),
+        (
+            lambda a: {**a, "w_ih": a["w_ih"].float()},
+            r"w_ih has dtype Float but input has dtype Double",
+        ),
+        (
+            lambda a: {**{k: v.long() if v is not None else None for k, v in a.items()}},
+            r"expected a floating-point input, got dtype Long",
+        ),
     ],
 )
 def test_lstm_forward_rejects_bad_input(mutate, message):
@@ -195,9 +225,13 @@ def test_lstm_forward_rejects_bad_input(mutate, message):
 
 def test_lstm_cell_forward_rejects_bad_input():
     x, hx, cx, w_ih, w_hh, b_ih, b_hh, training = _cell_args(False)
-    with pytest.raises(RuntimeError, match=r"lstm_ext::lstm_cell_forward: expected input of shape \[N, C\]"):
+    with pytest.raises(
+        RuntimeError, match=r"lstm_ext::lstm_cell_forward: expected input of shape \[N, C\]"
+    ):
         torch.ops.lstm_ext.lstm_cell_forward(x[0], hx, cx, w_ih, w_hh, b_ih, b_hh, training)
-    with pytest.raises(RuntimeError, match=r"expected hx of shape \[N, H\] = \[3, 6\], got \[3, 2\]"):
+    with pytest.raises(
+        RuntimeError, match=r"expected hx of shape \[N, H\] = \[3, 6\], got \[3, 2\]"
+    ):
         torch.ops.lstm_ext.lstm_cell_forward(x, hx[:, :2], cx, w_ih, w_hh, b_ih, b_hh, training)
 
 
@@ -217,8 +251,15 @@ def _extended_args(proj, packed, dtype=torch.float64, requires_grad=False, hidde
 
     rows = int(BATCH_SIZES.sum()) if packed else None
     x = make(rows, features) if packed else make(steps, batch, features)
-    args = (x, make(batch, width), make(batch, hidden), make(4 * hidden, features, scale=0.5),
-            make(4 * hidden, width, scale=0.5), make(4 * hidden), make(4 * hidden))
+    args = (
+        x,
+        make(batch, width),
+        make(batch, hidden),
+        make(4 * hidden, features, scale=0.5),
+        make(4 * hidden, width, scale=0.5),
+        make(4 * hidden),
+        make(4 * hidden),
+    )
     w_hr = make(proj, hidden, scale=0.5) if proj else None
     return args, w_hr, (BATCH_SIZES if packed else None)
 
@@ -228,9 +269,7 @@ def _extended_args(proj, packed, dtype=torch.float64, requires_grad=False, hidde
 @pytest.mark.parametrize("proj,packed", [(3, False), (0, True), (2, True)])
 def test_projection_and_packed_match_reference(dtype, reverse, proj, packed):
     args, w_hr, batch_sizes = _extended_args(proj, packed, dtype, requires_grad=True)
-    out, h_n, c_n, gates, cells, hidden = ops.lstm_forward(
-        *args, reverse, True, w_hr, batch_sizes
-    )
+    out, h_n, c_n, gates, cells, hidden = ops.lstm_forward(*args, reverse, True, w_hr, batch_sizes)
     ref = reference.lstm_layer(*args, reverse=reverse, w_hr=w_hr, batch_sizes=batch_sizes)
     tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
     for a, e in zip((out, h_n, c_n), ref):
@@ -278,21 +317,36 @@ def test_opcheck_projection_and_packed(training, reverse, proj, packed):
         grads = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n))
         torch.library.opcheck(
             torch.ops.lstm_ext._lstm_backward.default,
-            (*grads, *detached[:5], out, gates, cells, reverse, w_hr, batch_sizes,
-             hidden if w_hr is not None else None),
+            (
+                *grads,
+                *detached[:5],
+                out,
+                gates,
+                cells,
+                reverse,
+                w_hr,
+                batch_sizes,
+                hidden if w_hr is not None else None,
+            ),
         )
 
 
 @pytest.mark.parametrize(
     "mutate,message",
     [
-        (lambda a: {**a, "w_hr": a["w_hr"][:, :4]},
-         r"expected w_hh of shape \[4H, P\] = \[16, 3\], got \[24, 3\]"),
+        (
+            lambda a: {**a, "w_hr": a["w_hr"][:, :4]},
+            r"expected w_hh of shape \[4H, P\] = \[16, 3\], got \[24, 3\]",
+        ),
         (lambda a: {**a, "w_hr": a["w_hr"][0]}, r"expected w_hr of shape \[P, H\], got \[6\]"),
-        (lambda a: {**a, "h0": a["h0"][:, :2]},
-         r"expected h0 of shape \[N, P\] = \[4, 3\], got \[4, 2\]"),
-        (lambda a: {**a, "w_hr": a["w_hr"].float()},
-         r"w_hr has dtype Float but input has dtype Double"),
+        (
+            lambda a: {**a, "h0": a["h0"][:, :2]},
+            r"expected h0 of shape \[N, P\] = \[4, 3\], got \[4, 2\]",
+        ),
+        (
+            lambda a: {**a, "w_hr": a["w_hr"].float()},
+            r"w_hr has dtype Float but input has dtype Double",
+        ),
     ],
 )
 def test_projection_rejects_bad_input(mutate, message):

@@ -43,7 +43,9 @@ def test_reference_cell_matches_torch(bias):
     x = torch.randn(3, 5, dtype=torch.float64)
     hx = (torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64))
     h, c = cell(x, hx)
-    ref_h, ref_c = reference.lstm_cell(x, hx, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    ref_h, ref_c = reference.lstm_cell(
+        x, hx, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+    )
     torch.testing.assert_close(ref_h, h, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ref_c, c, rtol=1e-12, atol=1e-12)
 
@@ -64,7 +66,15 @@ def test_reference_projections_and_packed_match_torch(packed, proj_size, bidirec
         expected, (h_n, c_n) = lstm(sequence, (h0, c0))
         expected = expected.data
         actual, ref_h, ref_c = reference.lstm(
-            sequence.data, (h0, c0), weights, True, 2, 0.0, False, bidirectional, False,
+            sequence.data,
+            (h0, c0),
+            weights,
+            True,
+            2,
+            0.0,
+            False,
+            bidirectional,
+            False,
             batch_sizes=sequence.batch_sizes,
         )
     else:

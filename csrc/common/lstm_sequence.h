@@ -84,13 +84,6 @@ ForwardResult lstm_forward(const at::Tensor& input, const at::Tensor& h0, const 
                            const std::optional<at::Tensor>& b_ih,
                            const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
                            const std::optional<at::Tensor>& w_hr,
-                           const std::optional<at::Tensor>& batch_sizes,
-                           const PointwiseKernels& kernels);
-ForwardResult lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
-                           const at::Tensor& w_ih, const at::Tensor& w_hh,
-                           const std::optional<at::Tensor>& b_ih,
-                           const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
-                           const std::optional<at::Tensor>& w_hr,
                            const std::optional<at::Tensor>& batch_sizes, StepBackend& backend);
 
 // Gradients of lstm_forward: (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias,
@@ -105,15 +98,6 @@ BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& gr
                              const at::Tensor& saved_gates, const at::Tensor& saved_cells,
                              bool reverse, const std::optional<at::Tensor>& w_hr,
                              const std::optional<at::Tensor>& batch_sizes,
-                             const std::optional<at::Tensor>& saved_hidden,
-                             const PointwiseKernels& kernels);
-BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                             const at::Tensor& grad_c_n, const at::Tensor& input,
-                             const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-                             const at::Tensor& w_hh, const at::Tensor& output,
-                             const at::Tensor& saved_gates, const at::Tensor& saved_cells,
-                             bool reverse, const std::optional<at::Tensor>& w_hr,
-                             const std::optional<at::Tensor>& batch_sizes,
                              const std::optional<at::Tensor>& saved_hidden, StepBackend& backend);
 
 // One step, as torch.nn.LSTMCell: input [N, C], hx/cx [N, H].
@@ -121,18 +105,9 @@ BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& gr
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, bool training, const PointwiseKernels& kernels);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
-    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, bool training, StepBackend& backend);
 
 // Gradients of lstm_cell_forward: (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-lstm_cell_backward(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& input,
-                   const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
-                   const at::Tensor& w_hh, const at::Tensor& c, const at::Tensor& saved_gates,
-                   const PointwiseKernels& kernels);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_cell_backward(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& input,
                    const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,

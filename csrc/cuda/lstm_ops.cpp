@@ -33,8 +33,9 @@ ForwardResult lstm_forward_cuda(const at::Tensor& input, const at::Tensor& h0,
                                 const std::optional<at::Tensor>& w_hr,
                                 const std::optional<at::Tensor>& batch_sizes) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  StepBackend backend(pointwise_kernels());
   return lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, w_hr,
-                      batch_sizes, pointwise_kernels());
+                      batch_sizes, backend);
 }
 
 // batch_sizes stays on the CPU (as in a PackedSequence): the loop reads it on the host.
@@ -48,9 +49,10 @@ BackwardResult lstm_backward_cuda(const at::Tensor& grad_output, const at::Tenso
                                   const std::optional<at::Tensor>& batch_sizes,
                                   const std::optional<at::Tensor>& saved_hidden) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  StepBackend backend(pointwise_kernels());
   return lstm_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output,
                        saved_gates, saved_cells, reverse, w_hr, batch_sizes, saved_hidden,
-                       pointwise_kernels());
+                       backend);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(
@@ -58,7 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cuda(
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, bool training) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
-  return lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training, pointwise_kernels());
+  StepBackend backend(pointwise_kernels());
+  return lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training, backend);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -67,8 +70,9 @@ lstm_cell_backward_cuda(const at::Tensor& grad_h, const at::Tensor& grad_c,
                         const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& c,
                         const at::Tensor& saved_gates) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  StepBackend backend(pointwise_kernels());
   return lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved_gates,
-                            pointwise_kernels());
+                            backend);
 }
 
 }  // namespace

@@ -311,7 +311,31 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
   if (projected) {
     backend.begin_projection(w_hr->contiguous());
   }
-  for (const auto k : c10::irange(steps)) {
+  // A padded batch without projections may run as one call to the backend; the step loop below
+  // is the general case.
+  bool whole_recurrence = false;
+  if (!projected && !layout.packed()) {
+    const ForwardRecurrenceArgs args{steps,
+                                     batch,
+                                     hidden,
+                                     reverse,
+                                     training,
+                                     gates.data_ptr(),
+                                     h0_c.const_data_ptr(),
+                                     c0_c.const_data_ptr(),
+                                     output.data_ptr(),
+                                     training ? cells.data_ptr() : c_n.data_ptr()};
+    whole_recurrence = backend.forward_recurrence(args);
+  }
+  if (whole_recurrence) {
+    // Every sequence ends at the last step processed.
+    const int64_t last_offset = step_time(steps - 1, steps, reverse) * batch;
+    h_n.copy_(row_block(output, last_offset, batch));
+    if (training) {
+      c_n.copy_(row_block(cells, last_offset, batch));
+    }
+  }
+  for (const auto k : c10::irange(whole_recurrence ? 0 : steps)) {
     const int64_t t = step_time(k, steps, reverse);
     const int64_t n = layout.size(t), offset = layout.offset(t);
     const at::Tensor h_prev = previous_state(output, h0_c, h_join, layout, k, reverse);
@@ -414,8 +438,23 @@ BackwardResult lstm_backward_unchecked(const at::Tensor& d_out, const at::Tensor
     if (projected) {
       backend.begin_projection(w_hr->contiguous());
     }
+    bool whole_recurrence = false;
+    if (!projected && !layout.packed()) {
+      const BackwardRecurrenceArgs args{steps,
+                                        batch,
+                                        hidden,
+                                        reverse,
+                                        gates.const_data_ptr(),
+                                        cells.const_data_ptr(),
+                                        c0_c.const_data_ptr(),
+                                        d_out.const_data_ptr(),
+                                        d_gates.data_ptr(),
+                                        d_h.data_ptr(),
+                                        d_c.data_ptr()};
+      whole_recurrence = backend.backward_recurrence(args);
+    }
     // Backward visits the steps in the opposite order of the forward recurrence.
-    for (const auto k : c10::irange(steps)) {
+    for (const auto k : c10::irange(whole_recurrence ? 0 : steps)) {
       const int64_t forward_k = steps - 1 - k;
       const int64_t t = step_time(forward_k, steps, reverse);
       const int64_t n = layout.size(t), offset = layout.offset(t);

@@ -25,6 +25,36 @@
 
 namespace lstm_ext {
 
+// A whole recurrence of a padded batch without projections, for a backend that runs it in one
+// call (StepBackend::forward_recurrence / backward_recurrence). Contiguous buffers, raw pointers;
+// rows of step t start at row t * N. Shapes as for lstm_forward, with P = H.
+struct ForwardRecurrenceArgs {
+  int64_t steps;     // T
+  int64_t batch;     // N
+  int64_t hidden;    // H
+  bool reverse;      // run t = T-1 down to 0
+  bool training;     // save the activated gates in place of the pre-activations
+  void* gates;       // [T*N, 4H] in: input projection and biases; out when training: activations
+  const void* h0;    // [N, H]
+  const void* c0;    // [N, H]
+  void* output;      // [T*N, H] out: h_t
+  void* cells;       // training: [T*N, H] out: c_t; inference: [N, H], c0 in, c_n out (in place)
+};
+
+struct BackwardRecurrenceArgs {
+  int64_t steps;
+  int64_t batch;
+  int64_t hidden;
+  bool reverse;
+  const void* gates;     // [T*N, 4H] saved activations
+  const void* cells;     // [T*N, H]  saved c_t
+  const void* c0;        // [N, H]
+  const void* d_output;  // [T*N, H]  gradient of the output
+  void* d_gates;         // [T*N, 4H] out: gradient of the gate pre-activations
+  void* d_h;             // [N, H]    in: grad_h_n; out: grad_h0
+  void* d_c;             // [N, H]    in: grad_c_n; out: grad_c0
+};
+
 class StepBackend {
  public:
   explicit StepBackend(const PointwiseKernels& kernels) : kernels_(kernels) {}
@@ -46,6 +76,12 @@ class StepBackend {
   virtual void forward_step(const at::Tensor& h_prev, at::Tensor& gates, const at::Tensor& c_prev,
                             at::Tensor& c, at::Tensor& h, bool training);
 
+  // The whole forward recurrence in one call, after begin_forward. A backend that can do better
+  // than T calls of forward_step (the CPU one keeps its threads, and each thread its slice of
+  // W_hh, across steps) runs it and returns true; the default returns false and the loop runs
+  // step by step.
+  virtual bool forward_recurrence(const ForwardRecurrenceArgs& /*args*/) { return false; }
+
   // Called once before a backward time loop with that loop's w_hh [4H, P].
   virtual void begin_backward(const at::Tensor& w_hh) { w_hh_ = w_hh; }
   // The backward pointwise pass of one step.
@@ -54,6 +90,9 @@ class StepBackend {
   }
   // d_h [N, P] = d_gates [N, 4H] W_hh: the gradient that reaches h_{t-1} through step t.
   virtual void recurrent_gradient(const at::Tensor& d_gates, at::Tensor& d_h);
+
+  // The whole backward recurrence in one call, after begin_backward; as forward_recurrence.
+  virtual bool backward_recurrence(const BackwardRecurrenceArgs& /*args*/) { return false; }
 
   // LSTM with projections only. Called once before a time loop (forward or backward) with its
   // w_hr [P, H].

@@ -5,6 +5,9 @@
 // lstm_pointwise_impl.h, inside which the gate math's SIMD activations are defined.
 #pragma once
 
+#include <omp.h>
+
+#include <algorithm>
 #include <memory>
 
 #include "../common/lstm_sequence.h"
@@ -89,6 +92,99 @@ struct LstmForwardOutput {
   }
 };
 
+// The epilogue of a backward step's recurrent GEMM, d_h [N, H] = d_gates_{t+1} W_hh, with B = W_hh
+// packed plain (a tile's columns are kPanelWidth consecutive hidden units): the last K block adds
+// the output's gradient to the tile and runs the backward gate math of its units, writing their
+// d_gates and updating d_c in place. Partial sums of earlier K blocks go through `d_h`.
+struct LstmBackwardOutput {
+  PlainOutput d_h;        // [N, H] scratch for partial sums; holds grad_h_n before the first step
+  const float* gates;     // [N, 4H] saved activations of step t
+  const float* c;         // [N, H] c_t
+  const float* c_prev;    // [N, H] c_{t-1}
+  const float* d_output;  // [N, H] gradient of output[t]
+  float* d_c;             // [N, H] in: gradient reaching c_t; out: gradient of c_{t-1}
+  float* d_gates;         // [N, 4H] out
+  int64_t hidden;
+
+  template <int64_t kRows>
+  void init(int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    d_h.init<kRows>(panel, acc);
+  }
+  template <int64_t kRows>
+  void load(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    d_h.load<kRows>(row0, panel, acc);
+  }
+  template <int64_t kRows>
+  void store(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    d_h.store<kRows>(row0, panel, acc);
+  }
+  template <int64_t kRows>
+  void finish(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t row = row0 + r;
+      for (int64_t v = 0; v < kPanelVecs; ++v) {
+        const int64_t j = panel * kPanelWidth + v * kVecWidth;
+        const int64_t count = std::min<int64_t>(kVecWidth, hidden - j);
+        if (count <= 0) {
+          break;
+        }
+        const auto load = [count](const float* p) { return LstmForwardOutput::load_units(p, count); };
+        const auto store = [count](float* p, const FloatVec& x) {
+          LstmForwardOutput::store_units(p, x, count);
+        };
+        const float* gates_row = gates + row * 4 * hidden + j;
+        const GateActivations<FloatVec> act{load(gates_row), load(gates_row + hidden),
+                                            load(gates_row + 2 * hidden),
+                                            load(gates_row + 3 * hidden)};
+        const int64_t unit = row * hidden + j;
+        const FloatVec d_h_total = FloatVec(acc[r][v]) + load(d_output + unit);
+        const CellBackwardResult<FloatVec> result = lstm_cell_backward_unit(
+            act, load(c + unit), load(c_prev + unit), d_h_total, load(d_c + unit));
+        float* d_gates_row = d_gates + row * 4 * hidden + j;
+        store(d_gates_row, result.d_i);
+        store(d_gates_row + hidden, result.d_f);
+        store(d_gates_row + 2 * hidden, result.d_g);
+        store(d_gates_row + 3 * hidden, result.d_o);
+        store(d_c + unit, result.d_c_prev);
+      }
+    }
+  }
+};
+
+// Threads for a whole recurrence: as many as ATen may use, but no more than there are panels, and
+// only where a step's work outweighs a barrier (a fraction of a microsecond) by a wide margin.
+inline int64_t recurrence_threads(int64_t flops_per_step, int64_t panels) {
+  constexpr int64_t kMinFlopsPerThread = 1 << 16;
+  const int64_t wanted = std::max<int64_t>(1, flops_per_step / kMinFlopsPerThread);
+  return std::min({wanted, panels, static_cast<int64_t>(at::get_num_threads())});
+}
+
+// Runs body(thread, threads) on `threads` threads that live for the whole call, so a recurrence
+// pays for a barrier per step rather than for handing out each step's work anew. The team may be
+// smaller than asked (one thread inside another parallel region); body gets its real size.
+template <typename Body>
+void run_on_threads(int64_t threads, const Body& body) {
+  if (threads <= 1) {
+    body(0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  body(omp_get_thread_num(), omp_get_num_threads());
+}
+
+// Waits for the whole team of run_on_threads. A no-op for a team of one, which may be running
+// outside any parallel region of its own (where an OpenMP barrier would bind to an outer one).
+inline void team_barrier(int64_t threads) {
+  if (threads > 1) {
+#pragma omp barrier
+  }
+}
+
+// Time index of the k-th processed step of a forward recurrence.
+inline int64_t recurrence_time(int64_t k, int64_t steps, bool reverse) {
+  return reverse ? steps - 1 - k : k;
+}
+
 class FusedFloatBackend final : public StepBackend {
  public:
   explicit FusedFloatBackend(const PointwiseKernels& kernels) : StepBackend(kernels) {}
@@ -151,6 +247,43 @@ class FusedFloatBackend final : public StepBackend {
     packed_gemm(a_operand, gates.size(0), packed_w_hh_, out, /*accumulate=*/true);
   }
 
+  // Each thread owns a fixed range of panels (hidden units, all four gates of each) for the whole
+  // sequence: its slice of W_hh stays in its own cache, and a step ends with one barrier, after
+  // which every thread reads the whole h_t.
+  bool forward_recurrence(const ForwardRecurrenceArgs& args) override {
+    const PackedB& b = packed_w_hh_;
+    if (b.k == 0 || b.panels == 0 || args.batch == 0) {
+      return false;
+    }
+    const int64_t batch = args.batch, hidden = args.hidden;
+    auto* gates = static_cast<float*>(args.gates);
+    auto* output = static_cast<float*>(args.output);
+    auto* cells = static_cast<float*>(args.cells);
+    const auto* h0 = static_cast<const float*>(args.h0);
+    const auto* c0 = static_cast<const float*>(args.c0);
+    const int64_t threads = recurrence_threads(2 * batch * b.k * b.cols, b.panels);
+    run_on_threads(threads, [&](int64_t thread, int64_t team) {
+      const int64_t panel_begin = b.panels * thread / team;
+      const int64_t panel_end = b.panels * (thread + 1) / team;
+      for (int64_t k = 0; k < args.steps; ++k) {
+        const int64_t t = recurrence_time(k, args.steps, args.reverse);
+        const int64_t prev_t = recurrence_time(k - 1, args.steps, args.reverse);
+        const float* h_prev = k == 0 ? h0 : output + prev_t * batch * hidden;
+        // Inference keeps one running cell state, updated in place.
+        const float* c_prev = !args.training ? cells
+                              : k == 0       ? c0
+                                             : cells + prev_t * batch * hidden;
+        float* c = args.training ? cells + t * batch * hidden : cells;
+        const LstmForwardOutput out{gates + t * batch * 4 * hidden, c_prev, c,
+                                    output + t * batch * hidden, hidden, args.training};
+        packed_gemm_panels(OperandA{h_prev, b.k, 1}, batch, b, out, /*accumulate=*/true,
+                           panel_begin, panel_end);
+        team_barrier(team);
+      }
+    });
+    return true;
+  }
+
   void begin_backward(const at::Tensor& w_hh) override {
     StepBackend::begin_backward(w_hh);
     if (w_hh.size(0) > 0 && w_hh.size(1) > 0) {
@@ -158,6 +291,67 @@ class FusedFloatBackend final : public StepBackend {
       packed_w_hh_ = pack_b(w_hh.const_data_ptr<float>(), /*k_stride=*/w_hh.stride(0),
                             /*col_stride=*/1, w_hh.size(0), w_hh.size(1), ColumnOrder::kPlain);
     }
+  }
+
+  // As forward_recurrence, each thread owning a range of hidden units: a step's recurrent GEMM
+  // (d_h_t from the d_gates of the step processed before) ends in the backward gate math of the
+  // thread's units, then a barrier.
+  bool backward_recurrence(const BackwardRecurrenceArgs& args) override {
+    const PackedB& b = packed_w_hh_;
+    if (b.k == 0 || b.panels == 0 || args.batch == 0) {
+      return false;
+    }
+    const int64_t batch = args.batch, hidden = args.hidden;
+    const int64_t gate_stride = batch * 4 * hidden, state_stride = batch * hidden;
+    const auto* gates = static_cast<const float*>(args.gates);
+    const auto* cells = static_cast<const float*>(args.cells);
+    const auto* c0 = static_cast<const float*>(args.c0);
+    const auto* d_output = static_cast<const float*>(args.d_output);
+    auto* d_gates = static_cast<float*>(args.d_gates);
+    auto* d_h = static_cast<float*>(args.d_h);
+    auto* d_c = static_cast<float*>(args.d_c);
+    const PlainOutput d_h_out{d_h, hidden, &b};
+    const int64_t threads = recurrence_threads(2 * batch * b.k * b.cols, b.panels);
+    run_on_threads(threads, [&](int64_t thread, int64_t team) {
+      const int64_t panel_begin = b.panels * thread / team;
+      const int64_t panel_end = b.panels * (thread + 1) / team;
+      const int64_t steps = args.steps;
+      int64_t later_t = -1;  // the step processed before this one (t + 1 in forward time order)
+      for (int64_t k = 0; k < steps; ++k) {
+        const int64_t forward_k = steps - 1 - k;
+        const int64_t t = recurrence_time(forward_k, steps, args.reverse);
+        const float* c_prev =
+            forward_k == 0 ? c0
+                           : cells + recurrence_time(forward_k - 1, steps, args.reverse) * state_stride;
+        const LstmBackwardOutput out{d_h_out,
+                                     gates + t * gate_stride,
+                                     cells + t * state_stride,
+                                     c_prev,
+                                     d_output + t * state_stride,
+                                     d_c,
+                                     d_gates + t * gate_stride,
+                                     hidden};
+        if (k == 0) {
+          // The gradient reaching h_t from outside the sequence is grad_h_n, already in d_h.
+          for (int64_t p = panel_begin; p < panel_end; ++p) {
+            for (int64_t row = 0; row < batch; ++row) {
+              RawVec acc[1][kPanelVecs];
+              out.load<1>(row, p, acc);
+              out.finish<1>(row, p, acc);
+            }
+          }
+        } else {
+          packed_gemm_panels(OperandA{d_gates + later_t * gate_stride, b.k, 1}, batch, b, out,
+                             /*accumulate=*/false, panel_begin, panel_end);
+        }
+        later_t = t;
+        team_barrier(team);
+      }
+      // grad_h0: the gradient through the first step's recurrent GEMM.
+      packed_gemm_panels(OperandA{d_gates + later_t * gate_stride, b.k, 1}, batch, b, d_h_out,
+                         /*accumulate=*/false, panel_begin, panel_end);
+    });
+    return true;
   }
 
   void recurrent_gradient(const at::Tensor& d_gates, at::Tensor& d_h) override {

@@ -274,8 +274,34 @@ inline void run_tile(const OperandA& a, const PackedB& b, const Output& out, int
   }
 }
 
-// out (+)= A[rows, K] * B. `accumulate` adds to what `out` holds; otherwise it is overwritten.
-// K must be positive (callers route K = 0 elsewhere).
+// out (+)= A[rows, K] * B over panels [panel_begin, panel_end) of B, on the calling thread.
+// `accumulate` adds to what `out` holds; otherwise it is overwritten. K must be positive.
+// K blocks outermost, then blocks of rows whose slice of A (kBlockRows x kBlockK) stays in L2
+// while every panel of the range passes over it.
+template <typename Output>
+void packed_gemm_panels(const OperandA& a, int64_t rows, const PackedB& b, const Output& out,
+                        bool accumulate, int64_t panel_begin, int64_t panel_end,
+                        int64_t tile_begin = 0, int64_t tile_end = -1) {
+  if (tile_end < 0) {
+    tile_end = (rows + kTileRows - 1) / kTileRows;
+  }
+  for (int64_t k0 = 0; k0 < b.k; k0 += kBlockK) {
+    const int64_t kc = std::min(kBlockK, b.k - k0);
+    const bool last = k0 + kBlockK >= b.k;
+    for (int64_t t0 = tile_begin; t0 < tile_end; t0 += kBlockTiles) {
+      const int64_t t1 = std::min(tile_end, t0 + kBlockTiles);
+      for (int64_t p = panel_begin; p < panel_end; ++p) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t row0 = t * kTileRows;
+          run_tile(a, b, out, row0, std::min(kTileRows, rows - row0), p, k0, kc,
+                   accumulate || k0 > 0, last);
+        }
+      }
+    }
+  }
+}
+
+// out (+)= A[rows, K] * B, on ATen's threads. K must be positive (callers route K = 0 elsewhere).
 // Parallel over panels when there are enough of them (each thread keeps its panels of B in its own
 // cache), else over row ranges.
 template <typename Output>
@@ -285,25 +311,6 @@ void packed_gemm(const OperandA& a, int64_t rows, const PackedB& b, const Output
   if (rows == 0 || b.panels == 0) {
     return;
   }
-  // K blocks outermost, then blocks of rows whose slice of A (kBlockRows x kBlockK) stays in L2
-  // while every panel of B passes over it.
-  const auto run_range = [&](int64_t panel_begin, int64_t panel_end, int64_t tile_begin,
-                             int64_t tile_end) {
-    for (int64_t k0 = 0; k0 < b.k; k0 += kBlockK) {
-      const int64_t kc = std::min(kBlockK, b.k - k0);
-      const bool last = k0 + kBlockK >= b.k;
-      for (int64_t t0 = tile_begin; t0 < tile_end; t0 += kBlockTiles) {
-        const int64_t t1 = std::min(tile_end, t0 + kBlockTiles);
-        for (int64_t p = panel_begin; p < panel_end; ++p) {
-          for (int64_t t = t0; t < t1; ++t) {
-            const int64_t row0 = t * kTileRows;
-            run_tile(a, b, out, row0, std::min(kTileRows, rows - row0), p, k0, kc,
-                     accumulate || k0 > 0, last);
-          }
-        }
-      }
-    }
-  };
   // Threads only where each task gets enough work to pay for the hand-off (a step of a small
   // model is a few microseconds of work in all).
   constexpr int64_t kMinFlopsPerTask = 1 << 20;
@@ -312,12 +319,12 @@ void packed_gemm(const OperandA& a, int64_t rows, const PackedB& b, const Output
   if (b.panels >= 2 * threads || row_tiles < 2 * threads) {
     const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / (flops_per_tile * row_tiles));
     at::parallel_for(0, b.panels, grain, [&](int64_t begin, int64_t end) {
-      run_range(begin, end, 0, row_tiles);
+      packed_gemm_panels(a, rows, b, out, accumulate, begin, end);
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / (flops_per_tile * b.panels));
     at::parallel_for(0, row_tiles, grain, [&](int64_t begin, int64_t end) {
-      run_range(0, b.panels, begin, end);
+      packed_gemm_panels(a, rows, b, out, accumulate, 0, b.panels, begin, end);
     });
   }
 }

@@ -27,6 +27,7 @@ struct LstmForwardOutput {
   float* h;              // [N, H]
   int64_t hidden;
   bool training;
+  int64_t rows;  // N
 
   float* gate_ptr(int64_t row, int64_t panel, int64_t vec) const {
     return gates + row * 4 * hidden + vec * hidden + panel * kVecWidth;
@@ -42,6 +43,18 @@ struct LstmForwardOutput {
       v.store(p);
     } else {
       v.store(p, count);
+    }
+  }
+
+  // Requests the cache lines tile `tile` of `panel` reads outside the GEMM: its gate
+  // pre-activations (written by the input projection long before, so not in cache) and c_{t-1}.
+  void prefetch(int64_t tile, int64_t panel, bool /*last*/) const {
+    const int64_t row_end = std::min((tile + 1) * kTileRows, rows);
+    for (int64_t row = tile * kTileRows; row < row_end; ++row) {
+      for (int64_t v = 0; v < kPanelVecs; ++v) {
+        __builtin_prefetch(gate_ptr(row, panel, v));
+      }
+      __builtin_prefetch(c_prev + row * hidden + panel * kVecWidth);
     }
   }
 
@@ -105,6 +118,34 @@ struct LstmBackwardOutput {
   float* d_c;             // [N, H] in: gradient reaching c_t; out: gradient of c_{t-1}
   float* d_gates;         // [N, 4H] out
   int64_t hidden;
+
+  int64_t rows;  // N
+
+  // Requests the cache lines the epilogue of tile `tile` of `panel` reads: the saved gates and
+  // states of step t (written by the forward pass, long out of cache), d_output and d_c.
+  void prefetch(int64_t tile, int64_t panel, bool last) const {
+    if (!last) {
+      return;
+    }
+    const int64_t row_end = std::min((tile + 1) * kTileRows, rows);
+    for (int64_t row = tile * kTileRows; row < row_end; ++row) {
+      for (int64_t v = 0; v < kPanelVecs; ++v) {
+        const int64_t j = panel * kPanelWidth + v * kVecWidth;
+        if (j >= hidden) {
+          break;
+        }
+        const float* gates_row = gates + row * 4 * hidden + j;
+        for (int64_t gate = 0; gate < 4; ++gate) {
+          __builtin_prefetch(gates_row + gate * hidden);
+        }
+        const int64_t unit = row * hidden + j;
+        __builtin_prefetch(c + unit);
+        __builtin_prefetch(c_prev + unit);
+        __builtin_prefetch(d_output + unit);
+        __builtin_prefetch(d_c + unit);
+      }
+    }
+  }
 
   template <int64_t kRows>
   void init(int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
@@ -242,7 +283,8 @@ class FusedFloatBackend final : public StepBackend {
     }
     const LstmForwardOutput out{gates.data_ptr<float>(), c_prev.const_data_ptr<float>(),
                                 c.data_ptr<float>(),     h.data_ptr<float>(),
-                                hidden_,                 training};
+                                hidden_,                 training,
+                                gates.size(0)};
     const OperandA a_operand{h_prev.const_data_ptr<float>(), h_prev.stride(0), h_prev.stride(1)};
     packed_gemm(a_operand, gates.size(0), packed_w_hh_, out, /*accumulate=*/true);
   }
@@ -275,7 +317,7 @@ class FusedFloatBackend final : public StepBackend {
                                              : cells + prev_t * batch * hidden;
         float* c = args.training ? cells + t * batch * hidden : cells;
         const LstmForwardOutput out{gates + t * batch * 4 * hidden, c_prev, c,
-                                    output + t * batch * hidden, hidden, args.training};
+                                    output + t * batch * hidden, hidden, args.training, batch};
         packed_gemm_panels(OperandA{h_prev, b.k, 1}, batch, b, out, /*accumulate=*/true,
                            panel_begin, panel_end);
         team_barrier(team);
@@ -330,7 +372,8 @@ class FusedFloatBackend final : public StepBackend {
                                      d_output + t * state_stride,
                                      d_c,
                                      d_gates + t * gate_stride,
-                                     hidden};
+                                     hidden,
+                                     batch};
         if (k == 0) {
           // The gradient reaching h_t from outside the sequence is grad_h_n, already in d_h.
           for (int64_t p = panel_begin; p < panel_end; ++p) {

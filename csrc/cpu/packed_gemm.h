@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace lstm_ext::cpu {
 inline namespace CPU_CAPABILITY {
@@ -151,9 +152,10 @@ struct OperandA {
   int64_t k_stride;
 };
 
-// acc[r][v] += sum over k in [k0, k0 + kc) of A(row0 + r, k) * B(k, panel columns of v).
+// acc[r][v] += sum over k in [0, kc) of A(r, k) * B(k, panel columns of v): `a` starts at the
+// tile's first row and K block, `b_block` at the K block of one panel.
 template <int64_t kRows>
-inline void tile_multiply(const OperandA& a, int64_t row0, int64_t k0, int64_t kc,
+inline void tile_multiply(const OperandA& a, int64_t kc,
                           const float* b_block, RawVec (&acc)[kRows][kPanelVecs]) {
   // Work on a local copy of raw vectors: vector types may alias float, so stores to the caller's
   // array could not stay in registers across the loads of A and B below.
@@ -165,7 +167,7 @@ inline void tile_multiply(const OperandA& a, int64_t row0, int64_t k0, int64_t k
     sum[r][2] = acc[r][2];
     sum[r][3] = acc[r][3];
   }
-  const float* a_rows = a.ptr + row0 * a.row_stride + k0 * a.k_stride;
+  const float* a_rows = a.ptr;
   const int64_t row_stride = a.row_stride;
   const int64_t k_stride = a.k_stride;
   for (int64_t k = 0; k < kc; ++k) {
@@ -242,6 +244,9 @@ struct PlainOutput {
       }
     }
   }
+  // The output tiles are written, not read: nothing to fetch ahead.
+  void prefetch(int64_t /*tile*/, int64_t /*panel*/, bool /*last*/) const {}
+
   // Nothing fused: the last K block stores like the others.
   template <int64_t kRows>
   void finish(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
@@ -250,7 +255,8 @@ struct PlainOutput {
 };
 
 // Runs one row tile of `rows` (<= kTileRows) rows over one K block, with the row count as a
-// compile-time constant so the accumulators live in registers.
+// compile-time constant so the accumulators live in registers. The tile's A rows start at `a`
+// itself (the caller offsets it); its output rows at row0.
 template <typename Output, int64_t kRows = kTileRows>
 inline void run_tile(const OperandA& a, const PackedB& b, const Output& out, int64_t row0,
                      int64_t rows, int64_t panel, int64_t k0, int64_t kc, bool load_c, bool last) {
@@ -266,7 +272,7 @@ inline void run_tile(const OperandA& a, const PackedB& b, const Output& out, int
   } else {
     out.template init<kRows>(panel, acc);
   }
-  tile_multiply<kRows>(a, row0, k0, kc, b.panel(panel) + k0 * kPanelWidth, acc);
+  tile_multiply<kRows>(a, kc, b.panel(panel) + k0 * kPanelWidth, acc);
   if (last) {
     out.template finish<kRows>(row0, panel, acc);
   } else {
@@ -274,8 +280,30 @@ inline void run_tile(const OperandA& a, const PackedB& b, const Output& out, int
   }
 }
 
-// out (+)= A[rows, K] * B over panels [panel_begin, panel_end) of B, on the calling thread.
-// `accumulate` adds to what `out` holds; otherwise it is overwritten. K must be positive.
+// Rows of A per block of rows (the L2-resident slice of A, see kBlockK).
+constexpr int64_t kBlockRows = kBlockTiles * kTileRows;
+
+// A transposed A (row_stride 1: weight gradients, A = dG^T with dG [rows, 4H]) reads one cache
+// line, on a new page, per k and per tile. Such a block is copied first into `buffer` as
+// [kc, kBlockRows] (each k's rows contiguous, a plain copy of kBlockRows floats per k), so the
+// tiles then read it sequentially from L1/L2.
+inline bool copies_a_blocks(const OperandA& a) { return a.row_stride == 1 && a.k_stride > kBlockRows; }
+
+inline OperandA a_block(const OperandA& a, int64_t row0, int64_t rows, int64_t k0, int64_t kc,
+                        float* buffer) {
+  const float* src = a.ptr + row0 * a.row_stride + k0 * a.k_stride;
+  if (buffer == nullptr) {
+    return OperandA{src, a.row_stride, a.k_stride};
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    std::copy_n(src + k * a.k_stride, rows, buffer + k * kBlockRows);
+  }
+  return OperandA{buffer, 1, kBlockRows};
+}
+
+// out (+)= A[rows, K] * B over panels [panel_begin, panel_end) of B and row tiles
+// [tile_begin, tile_end), on the calling thread. `accumulate` adds to what `out` holds; otherwise
+// it is overwritten. K must be positive.
 // K blocks outermost, then blocks of rows whose slice of A (kBlockRows x kBlockK) stays in L2
 // while every panel of the range passes over it.
 template <typename Output>
@@ -285,15 +313,29 @@ void packed_gemm_panels(const OperandA& a, int64_t rows, const PackedB& b, const
   if (tile_end < 0) {
     tile_end = (rows + kTileRows - 1) / kTileRows;
   }
+  std::vector<float> buffer(copies_a_blocks(a) ? kBlockRows * std::min(kBlockK, b.k) : 0);
   for (int64_t k0 = 0; k0 < b.k; k0 += kBlockK) {
     const int64_t kc = std::min(kBlockK, b.k - k0);
     const bool last = k0 + kBlockK >= b.k;
     for (int64_t t0 = tile_begin; t0 < tile_end; t0 += kBlockTiles) {
       const int64_t t1 = std::min(tile_end, t0 + kBlockTiles);
+      const int64_t block_row0 = t0 * kTileRows;
+      const int64_t block_rows = std::min(t1 * kTileRows, rows) - block_row0;
+      const OperandA block = a_block(a, block_row0, block_rows, k0, kc,
+                                     buffer.empty() ? nullptr : buffer.data());
       for (int64_t p = panel_begin; p < panel_end; ++p) {
         for (int64_t t = t0; t < t1; ++t) {
+          // What the next tile's epilogue reads besides A and B, requested now so that it
+          // arrives while this tile multiplies.
+          if (t + 1 < t1) {
+            out.prefetch(t + 1, p, last);
+          } else if (p + 1 < panel_end) {
+            out.prefetch(t0, p + 1, last);
+          }
           const int64_t row0 = t * kTileRows;
-          run_tile(a, b, out, row0, std::min(kTileRows, rows - row0), p, k0, kc,
+          const OperandA tile{block.ptr + (row0 - block_row0) * block.row_stride,
+                              block.row_stride, block.k_stride};
+          run_tile(tile, b, out, row0, std::min(kTileRows, rows - row0), p, k0, kc,
                    accumulate || k0 > 0, last);
         }
       }

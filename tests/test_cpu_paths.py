@@ -35,6 +35,10 @@ PARITY_SCRIPT = textwrap.dedent(
         # K = C = 600 and K = H = 520 exceed the packed GEMM's K block (512); 33 panels of W_hh
         # are split between threads.
         (3, 2, 600, 520, 1, True, False, True),
+        # From N = 16 on, the AVX paths compute each step's input projection inside the
+        # recurrence (with K = C + H in registers): ragged row tiles, K > 512, no bias.
+        (4, 17, 600, 520, 1, True, False, True),
+        (3, 16, 9, 40, 2, True, True, False),
     ]
     for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
         for T, N, C, H, L, bi, bf, bias in cases:

@@ -277,15 +277,23 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
   const bool projected = w_hr.has_value();
   const auto options = x.options();
 
-  // Input projection of all timesteps in one GEMM, both biases folded in: [rows, C] x [C, 4H].
-  // Each step's recurrent GEMM then accumulates into this buffer in place, and the pointwise pass
-  // overwrites it with the activated gates when training, so it doubles as the saved gates.
-  at::Tensor gates = at::empty({rows, 4 * hidden}, options);
-  {
+  const std::optional<at::Tensor> bias =
+      b_ih.has_value() ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
+  // A padded batch without projections may run its whole recurrence in one call to the backend,
+  // which may also compute each step's input projection itself; the step loop further down is the
+  // general case.
+  const bool whole_recurrence_possible = !projected && !layout.packed();
+  const bool fused_input = whole_recurrence_possible &&
+                           backend.fuses_input_projection(batch, x.size(1), hidden);
+  // Otherwise: the input projection of all timesteps in one GEMM, both biases folded in:
+  // [rows, C] x [C, 4H]. Each step's recurrent GEMM then accumulates into this buffer in place,
+  // and the pointwise pass overwrites it with the activated gates when training, so it doubles as
+  // the saved gates.
+  at::Tensor gates =
+      training || !fused_input ? at::empty({rows, 4 * hidden}, options) : at::Tensor();
+  if (!fused_input) {
     // Named scopes show up in torch.profiler: where a step's time goes (benchmarks/README.md).
     RECORD_FUNCTION("lstm_ext::input_projection", std::vector<c10::IValue>());
-    const std::optional<at::Tensor> bias =
-        b_ih.has_value() ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
     backend.project_input(x, w_ih, bias, gates);
   }
 
@@ -311,21 +319,26 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
   if (projected) {
     backend.begin_projection(w_hr->contiguous());
   }
-  // A padded batch without projections may run as one call to the backend; the step loop below
-  // is the general case.
   bool whole_recurrence = false;
-  if (!projected && !layout.packed()) {
+  if (whole_recurrence_possible) {
+    const at::Tensor w_ih_c = w_ih.contiguous();
     const ForwardRecurrenceArgs args{steps,
                                      batch,
                                      hidden,
                                      reverse,
                                      training,
-                                     gates.data_ptr(),
+                                     gates.defined() ? gates.data_ptr() : nullptr,
+                                     fused_input ? x.const_data_ptr() : nullptr,
+                                     fused_input ? w_ih_c.const_data_ptr() : nullptr,
+                                     fused_input && bias ? bias->const_data_ptr() : nullptr,
+                                     x.size(1),
                                      h0_c.const_data_ptr(),
                                      c0_c.const_data_ptr(),
                                      output.data_ptr(),
                                      training ? cells.data_ptr() : c_n.data_ptr()};
     whole_recurrence = backend.forward_recurrence(args);
+    TORCH_INTERNAL_ASSERT(whole_recurrence || !fused_input,
+                          "a backend that fuses the input projection must run the recurrence");
   }
   if (whole_recurrence) {
     // Every sequence ends at the last step processed.

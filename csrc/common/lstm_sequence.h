@@ -34,7 +34,15 @@ struct ForwardRecurrenceArgs {
   int64_t hidden;    // H
   bool reverse;      // run t = T-1 down to 0
   bool training;     // save the activated gates in place of the pre-activations
-  void* gates;       // [T*N, 4H] in: input projection and biases; out when training: activations
+  // [T*N, 4H] in: input projection and biases (unless the backend fuses it, see below); out when
+  // training: activations. Null when the projection is fused and not training.
+  void* gates;
+  // Set only when the backend said it fuses the input projection (fuses_input_projection): each
+  // step then computes x_t W_ih^T + bias + h_{t-1} W_hh^T itself.
+  const void* input;  // [T*N, C]
+  const void* w_ih;   // [4H, C], contiguous
+  const void* bias;   // [4H] (b_ih + b_hh), or null without biases
+  int64_t features;   // C
   const void* h0;    // [N, H]
   const void* c0;    // [N, H]
   void* output;      // [T*N, H] out: h_t
@@ -81,6 +89,13 @@ class StepBackend {
   // W_hh, across steps) runs it and returns true; the default returns false and the loop runs
   // step by step.
   virtual bool forward_recurrence(const ForwardRecurrenceArgs& /*args*/) { return false; }
+  // Whether forward_recurrence computes each step's input projection itself rather than reading
+  // it from one GEMM over all steps done before. A yes binds forward_recurrence to run (and
+  // return true) for a padded batch without projections of these sizes.
+  virtual bool fuses_input_projection(int64_t /*batch*/, int64_t /*features*/,
+                                      int64_t /*hidden*/) const {
+    return false;
+  }
 
   // Called once before a backward time loop with that loop's w_hh [4H, P].
   virtual void begin_backward(const at::Tensor& w_hh) { w_hh_ = w_hh; }

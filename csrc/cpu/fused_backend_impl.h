@@ -293,6 +293,10 @@ class FusedFloatBackend final : public StepBackend {
   // sequence: its slice of W_hh stays in its own cache, and a step ends with one barrier, after
   // which every thread reads the whole h_t.
   bool forward_recurrence(const ForwardRecurrenceArgs& args) override {
+    if (args.input != nullptr) {
+      forward_recurrence_with_input(args);
+      return true;
+    }
     const PackedB& b = packed_w_hh_;
     if (b.k == 0 || b.panels == 0 || args.batch == 0) {
       return false;
@@ -324,6 +328,16 @@ class FusedFloatBackend final : public StepBackend {
       }
     });
     return true;
+  }
+
+  // From this batch size on, a step has rows enough to multiply x_t by W_ih as efficiently as
+  // one GEMM over all steps would, and fusing saves writing the [T*N, 4H] pre-activations and
+  // reading them back (in inference they are then never stored at all). Below it, W_ih would be
+  // streamed through the cache T times for a few rows each time.
+  static constexpr int64_t kMinBatchToFuseInput = 16;
+
+  bool fuses_input_projection(int64_t batch, int64_t features, int64_t hidden) const override {
+    return batch >= kMinBatchToFuseInput && features > 0 && hidden > 0;
   }
 
   void begin_backward(const at::Tensor& w_hh) override {
@@ -409,6 +423,76 @@ class FusedFloatBackend final : public StepBackend {
   }
 
  private:
+  // forward_recurrence when the backend fuses the input projection: each step's tile is
+  // bias + x_t W_ih^T + h_{t-1} W_hh^T, accumulated in registers over the whole K of both (no
+  // partial sums in memory), then the LSTM epilogue. Threads own panels as in forward_recurrence.
+  void forward_recurrence_with_input(const ForwardRecurrenceArgs& args) {
+    const int64_t batch = args.batch, hidden = args.hidden, features = args.features;
+    // B = W_ih^T in gate order, like W_hh: element (k, col) = w_ih[col][k].
+    const PackedB w_ih = pack_b(static_cast<const float*>(args.w_ih), /*k_stride=*/1,
+                                /*col_stride=*/features, features, 4 * hidden, ColumnOrder::kGates);
+    const PackedB& w_hh = packed_w_hh_;
+    auto* gates = static_cast<float*>(args.gates);  // null in inference
+    auto* output = static_cast<float*>(args.output);
+    auto* cells = static_cast<float*>(args.cells);
+    const auto* input = static_cast<const float*>(args.input);
+    const auto* h0 = static_cast<const float*>(args.h0);
+    const auto* c0 = static_cast<const float*>(args.c0);
+    const PlainOutput bias{nullptr, 0, &w_ih, static_cast<const float*>(args.bias)};
+    const int64_t row_tiles = (batch + kTileRows - 1) / kTileRows;
+    const int64_t threads =
+        recurrence_threads(2 * batch * (features + hidden) * 4 * hidden, w_hh.panels);
+    run_on_threads(threads, [&](int64_t thread, int64_t team) {
+      const int64_t panel_begin = w_hh.panels * thread / team;
+      const int64_t panel_end = w_hh.panels * (thread + 1) / team;
+      for (int64_t k = 0; k < args.steps; ++k) {
+        const int64_t t = recurrence_time(k, args.steps, args.reverse);
+        const int64_t prev_t = recurrence_time(k - 1, args.steps, args.reverse);
+        const float* x_t = input + t * batch * features;
+        const float* h_prev = k == 0 ? h0 : output + prev_t * batch * hidden;
+        const float* c_prev = !args.training ? cells
+                              : k == 0       ? c0
+                                             : cells + prev_t * batch * hidden;
+        float* c = args.training ? cells + t * batch * hidden : cells;
+        const LstmForwardOutput out{args.training ? gates + t * batch * 4 * hidden : nullptr,
+                                    c_prev, c, output + t * batch * hidden, hidden,
+                                    args.training, batch};
+        // Blocks of rows whose x_t and h_{t-1} rows stay in L2 while the thread's panels (W_ih
+        // and W_hh slices, from L3 when they exceed L2) pass over them.
+        for (int64_t t0 = 0; t0 < row_tiles; t0 += kBlockTiles) {
+          const int64_t t1 = std::min(row_tiles, t0 + kBlockTiles);
+          for (int64_t p = panel_begin; p < panel_end; ++p) {
+            for (int64_t tile = t0; tile < t1; ++tile) {
+              const int64_t row0 = tile * kTileRows;
+              run_input_fused_tile(OperandA{x_t + row0 * features, features, 1}, w_ih,
+                                   OperandA{h_prev + row0 * hidden, hidden, 1}, w_hh, bias, out,
+                                   row0, std::min(kTileRows, batch - row0), p);
+            }
+          }
+        }
+        team_barrier(team);
+      }
+    });
+  }
+
+  template <int64_t kRows = kTileRows>
+  static void run_input_fused_tile(const OperandA& x, const PackedB& w_ih, const OperandA& h,
+                                   const PackedB& w_hh, const PlainOutput& bias,
+                                   const LstmForwardOutput& out, int64_t row0, int64_t rows,
+                                   int64_t panel) {
+    if constexpr (kRows > 1) {
+      if (rows < kRows) {
+        run_input_fused_tile<kRows - 1>(x, w_ih, h, w_hh, bias, out, row0, rows, panel);
+        return;
+      }
+    }
+    RawVec acc[kRows][kPanelVecs];
+    bias.init<kRows>(panel, acc);
+    tile_multiply<kRows>(x, w_ih.k, w_ih.panel(panel), acc);
+    tile_multiply<kRows>(h, w_hh.k, w_hh.panel(panel), acc);
+    out.finish<kRows>(row0, panel, acc);
+  }
+
   int64_t hidden_ = 0;
   PackedB packed_w_hh_;
 };

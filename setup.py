@@ -130,6 +130,7 @@ def _extension():
         "csrc/module.cpp",
         "csrc/common/lstm_sequence.cpp",
         "csrc/cpu/lstm_ops.cpp",
+        "csrc/cpu/large_buffers.cpp",
         "csrc/cpu/lstm_kernels_default.cpp",
         "csrc/cpu/lstm_kernels_avx2.cpp",
         "csrc/cpu/lstm_kernels_avx512.cpp",

@@ -10,8 +10,11 @@
 #define LSTM_EXT_CUDA_ARCHS ""
 #endif
 
+#include <cstdint>
+
 namespace lstm_ext::cpu {
 const char* cpu_capability();
+int64_t empty_large_buffer_cache();
 }
 
 PYBIND11_MODULE(_C, module) {
@@ -20,4 +23,6 @@ PYBIND11_MODULE(_C, module) {
   module.attr("cuda_archs") = LSTM_EXT_CUDA_ARCHS;
   module.def("cpu_capability", &lstm_ext::cpu::cpu_capability,
              "Instruction set of the CPU kernels in use: AVX512, AVX2 or DEFAULT.");
+  module.def("empty_cpu_cache", &lstm_ext::cpu::empty_large_buffer_cache,
+             "Frees the idle blocks of the CPU buffer cache; returns the bytes released.");
 }

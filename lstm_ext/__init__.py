@@ -32,6 +32,7 @@ __all__ = [
     "LSTMCell",
     "build_info",
     "compiled_backends",
+    "empty_cpu_cache",
     "functional",
     "ops",
     "reference",
@@ -52,3 +53,15 @@ def build_info() -> dict[str, object]:
         "cpu_capability": _C.cpu_capability(),
         "torch": torch.__version__,
     }
+
+
+def empty_cpu_cache() -> int:
+    """Frees the idle blocks of lstm_ext's CPU buffer cache and returns how many bytes that freed.
+
+    Buffers of 16 MiB and more that the CPU kernels keep between forward and backward (saved gates
+    and cell states) or use inside backward (gradients of the gates) come from a cache of blocks,
+    because fresh pages cost more than the work on them; a block freed by its last tensor waits
+    there for the next call, as in PyTorch's CUDA caching allocator. At most
+    ``LSTM_EXT_CPU_CACHE_MB`` MiB (default 1024; 0 turns the cache off) stay idle.
+    """
+    return _C.empty_cpu_cache()

@@ -14,6 +14,11 @@ namespace lstm_ext {
 // ---------------------------------------------------------------------------------------------
 // The default StepBackend: ATen GEMMs and the device's pointwise passes.
 
+at::Tensor StepBackend::empty_buffer(at::IntArrayRef sizes,
+                                     const at::TensorOptions& options) const {
+  return allocate_buffer_ != nullptr ? allocate_buffer_(sizes, options) : at::empty(sizes, options);
+}
+
 void StepBackend::matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
                          bool accumulate) {
   if (accumulate) {
@@ -289,8 +294,8 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
   // [rows, C] x [C, 4H]. Each step's recurrent GEMM then accumulates into this buffer in place,
   // and the pointwise pass overwrites it with the activated gates when training, so it doubles as
   // the saved gates.
-  at::Tensor gates =
-      training || !fused_input ? at::empty({rows, 4 * hidden}, options) : at::Tensor();
+  at::Tensor gates = training || !fused_input ? backend.empty_buffer({rows, 4 * hidden}, options)
+                                              : at::Tensor();
   if (!fused_input) {
     // Named scopes show up in torch.profiler: where a step's time goes (benchmarks/README.md).
     RECORD_FUNCTION("lstm_ext::input_projection", std::vector<c10::IValue>());
@@ -298,11 +303,11 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
   }
 
   at::Tensor output = at::empty({rows, proj}, options);
-  at::Tensor cells = training ? at::empty({rows, hidden}, options) : at::Tensor();
+  at::Tensor cells = training ? backend.empty_buffer({rows, hidden}, options) : at::Tensor();
   // With projections, o * tanh(c_t) before the projection: kept for every step when training
   // (backward needs it for grad_w_hr), else one step's scratch.
   at::Tensor unprojected =
-      projected ? at::empty({training ? rows : batch, hidden}, options) : at::Tensor();
+      projected ? backend.empty_buffer({training ? rows : batch, hidden}, options) : at::Tensor();
   const at::Tensor h0_c = h0.contiguous();
   const at::Tensor c0_c = c0.contiguous();
   at::Tensor h_n = at::empty({batch, proj}, options);
@@ -424,7 +429,7 @@ BackwardResult lstm_backward_unchecked(const at::Tensor& d_out, const at::Tensor
   const bool projected = w_hr.has_value();
   const auto options = x.options();
 
-  at::Tensor d_gates = at::empty({rows, 4 * hidden}, options);
+  at::Tensor d_gates = backend.empty_buffer({rows, 4 * hidden}, options);
   // d_h starts as grad_h_n and is then overwritten each step by d_gates[t] W_hh; after the last
   // step it is grad_h0. d_c is updated in place by the pointwise pass and ends as grad_c0. A step
   // touches only its own rows: in a packed batch the rows of sequences that have not started (in

@@ -63,10 +63,18 @@ struct BackwardRecurrenceArgs {
   void* d_c;             // [N, H]    in: grad_c_n; out: grad_c0
 };
 
+// Allocates one of the loop's large buffers (saved gates and cell states, gradients of the gates).
+using BufferAllocator = at::Tensor (*)(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 class StepBackend {
  public:
   explicit StepBackend(const PointwiseKernels& kernels) : kernels_(kernels) {}
   virtual ~StepBackend() = default;
+
+  // at::empty unless the device set its own allocator (the CPU caches large blocks, see
+  // cpu/large_buffers.h).
+  at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) const;
+  void set_buffer_allocator(BufferAllocator allocate) { allocate_buffer_ = allocate; }
 
   // out = a b, or out += a b when `accumulate`. a [M, K] and b [K, Ncols] may be strided views
   // (e.g. transposes); out is contiguous [M, Ncols].
@@ -119,6 +127,7 @@ class StepBackend {
 
  protected:
   PointwiseKernels kernels_;
+  BufferAllocator allocate_buffer_ = nullptr;
   at::Tensor w_hh_;
   at::Tensor w_hr_;
 };

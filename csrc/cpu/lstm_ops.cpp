@@ -8,6 +8,7 @@
 
 #include "../common/lstm_sequence.h"
 #include "kernel_sets.h"
+#include "large_buffers.h"
 
 namespace lstm_ext::cpu {
 namespace {
@@ -50,10 +51,12 @@ const CpuKernelSet& kernel_set() {
 // The backend for one op call: the fused float32 one where this instruction set has it.
 std::unique_ptr<StepBackend> make_backend(const at::Tensor& input) {
   const CpuKernelSet& set = kernel_set();
-  if (input.scalar_type() == at::kFloat && set.make_float_backend != nullptr) {
-    return set.make_float_backend(set.pointwise);
-  }
-  return std::make_unique<StepBackend>(set.pointwise);
+  std::unique_ptr<StepBackend> backend =
+      input.scalar_type() == at::kFloat && set.make_float_backend != nullptr
+          ? set.make_float_backend(set.pointwise)
+          : std::make_unique<StepBackend>(set.pointwise);
+  backend->set_buffer_allocator(&empty_large_buffer);
+  return backend;
 }
 
 ForwardResult lstm_forward_cpu(const at::Tensor& input, const at::Tensor& h0,

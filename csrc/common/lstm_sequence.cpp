@@ -28,6 +28,14 @@ void StepBackend::matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& o
   }
 }
 
+void StepBackend::weight_gradient(const at::Tensor& d_gates, const at::Tensor& x,
+                                  at::Tensor& grad_w, at::Tensor* grad_bias) {
+  matmul(d_gates.t(), x, grad_w, /*accumulate=*/false);
+  if (grad_bias != nullptr) {
+    *grad_bias = d_gates.sum(0);
+  }
+}
+
 void StepBackend::project_input(const at::Tensor& x, const at::Tensor& w_ih,
                                 const std::optional<at::Tensor>& bias, at::Tensor& out) {
   if (bias.has_value()) {
@@ -511,7 +519,8 @@ BackwardResult lstm_backward_unchecked(const at::Tensor& d_out, const at::Tensor
   at::Tensor grad_input = at::empty({rows, features}, options);
   backend.matmul(d_gates, w_ih, grad_input, /*accumulate=*/false);
   at::Tensor grad_w_ih = at::empty({4 * hidden, features}, options);
-  backend.matmul(d_gates.t(), x, grad_w_ih, /*accumulate=*/false);
+  at::Tensor grad_bias;
+  backend.weight_gradient(d_gates, x, grad_w_ih, &grad_bias);
   at::Tensor grad_w_hh = at::empty({4 * hidden, proj}, options);
   if (layout.packed()) {
     backend.matmul(d_gates.t(), gather_previous_hidden(output, h0_c, layout, reverse), grad_w_hh,
@@ -529,7 +538,6 @@ BackwardResult lstm_backward_unchecked(const at::Tensor& d_out, const at::Tensor
       backend.matmul(later_d_gates.t(), their_h_prev, grad_w_hh, /*accumulate=*/true);
     }
   }
-  at::Tensor grad_bias = d_gates.sum(0);
   at::Tensor grad_w_hr = at::empty({0}, options);
   if (projected) {
     grad_w_hr = at::empty({proj, hidden}, options);

@@ -80,6 +80,11 @@ class StepBackend {
   // (e.g. transposes); out is contiguous [M, Ncols].
   virtual void matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate);
 
+  // grad_w [4H, C] = d_gates^T x, d_gates [rows, 4H] and x [rows, C] contiguous; with grad_bias,
+  // also *grad_bias = the column sums of d_gates [4H] (the gradient of either bias).
+  virtual void weight_gradient(const at::Tensor& d_gates, const at::Tensor& x, at::Tensor& grad_w,
+                               at::Tensor* grad_bias);
+
   // The input projection of all timesteps: out [rows, 4H] = x [rows, C] W_ih^T (+ bias [4H]).
   virtual void project_input(const at::Tensor& x, const at::Tensor& w_ih,
                              const std::optional<at::Tensor>& bias, at::Tensor& out);

@@ -242,6 +242,31 @@ class FusedFloatBackend final : public StepBackend {
                 accumulate);
   }
 
+  // One pass over d_gates for both: the bias gradient is summed while the GEMM copies blocks of
+  // d_gates^T (see a_block), instead of a separate reduction reading all of d_gates again.
+  void weight_gradient(const at::Tensor& d_gates, const at::Tensor& x, at::Tensor& grad_w,
+                       at::Tensor* grad_bias) override {
+    const OperandA a_operand{d_gates.const_data_ptr<float>(), d_gates.stride(1),
+                             d_gates.stride(0)};
+    if (x.size(1) == 0 || d_gates.size(0) == 0 || !grad_w.is_contiguous() ||
+        !copies_a_blocks(a_operand)) {
+      StepBackend::weight_gradient(d_gates, x, grad_w, grad_bias);
+      return;
+    }
+    at::Tensor sums;
+    if (grad_bias != nullptr) {
+      sums = at::zeros({d_gates.size(1)}, d_gates.options());
+    }
+    const PackedB packed = pack_b(x.const_data_ptr<float>(), x.stride(0), x.stride(1), x.size(0),
+                                  x.size(1), ColumnOrder::kPlain);
+    packed_gemm(a_operand, d_gates.size(1), packed,
+                PlainOutput{grad_w.data_ptr<float>(), grad_w.stride(0), &packed},
+                /*accumulate=*/false, sums.defined() ? sums.data_ptr<float>() : nullptr);
+    if (grad_bias != nullptr) {
+      *grad_bias = sums;
+    }
+  }
+
   // W_hh is [4H, K] with K the width of h_{t-1}: H, or the projection size once projections
   // exist. Both packings below keep the two apart.
   void project_input(const at::Tensor& x, const at::Tensor& w_ih,

@@ -289,14 +289,23 @@ constexpr int64_t kBlockRows = kBlockTiles * kTileRows;
 // tiles then read it sequentially from L1/L2.
 inline bool copies_a_blocks(const OperandA& a) { return a.row_stride == 1 && a.k_stride > kBlockRows; }
 
+// With `row_sums` (only when copying), also adds each row's sum over the block's k to
+// row_sums[row0 + r]: the bias gradient, the row sums of dG^T, in the same pass over dG.
 inline OperandA a_block(const OperandA& a, int64_t row0, int64_t rows, int64_t k0, int64_t kc,
-                        float* buffer) {
+                        float* buffer, float* row_sums) {
   const float* src = a.ptr + row0 * a.row_stride + k0 * a.k_stride;
   if (buffer == nullptr) {
     return OperandA{src, a.row_stride, a.k_stride};
   }
   for (int64_t k = 0; k < kc; ++k) {
     std::copy_n(src + k * a.k_stride, rows, buffer + k * kBlockRows);
+  }
+  if (row_sums != nullptr) {
+    float* sums = row_sums + row0;
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* copied = buffer + k * kBlockRows;
+      for (int64_t r = 0; r < rows; ++r) sums[r] += copied[r];
+    }
   }
   return OperandA{buffer, 1, kBlockRows};
 }
@@ -309,7 +318,8 @@ inline OperandA a_block(const OperandA& a, int64_t row0, int64_t rows, int64_t k
 template <typename Output>
 void packed_gemm_panels(const OperandA& a, int64_t rows, const PackedB& b, const Output& out,
                         bool accumulate, int64_t panel_begin, int64_t panel_end,
-                        int64_t tile_begin = 0, int64_t tile_end = -1) {
+                        int64_t tile_begin = 0, int64_t tile_end = -1,
+                        float* a_row_sums = nullptr) {
   if (tile_end < 0) {
     tile_end = (rows + kTileRows - 1) / kTileRows;
   }
@@ -322,7 +332,7 @@ void packed_gemm_panels(const OperandA& a, int64_t rows, const PackedB& b, const
       const int64_t block_row0 = t0 * kTileRows;
       const int64_t block_rows = std::min(t1 * kTileRows, rows) - block_row0;
       const OperandA block = a_block(a, block_row0, block_rows, k0, kc,
-                                     buffer.empty() ? nullptr : buffer.data());
+                                     buffer.empty() ? nullptr : buffer.data(), a_row_sums);
       for (int64_t p = panel_begin; p < panel_end; ++p) {
         for (int64_t t = t0; t < t1; ++t) {
           // What the next tile's epilogue reads besides A and B, requested now so that it
@@ -344,21 +354,32 @@ void packed_gemm_panels(const OperandA& a, int64_t rows, const PackedB& b, const
 }
 
 // out (+)= A[rows, K] * B, on ATen's threads. K must be positive (callers route K = 0 elsewhere).
-// Parallel over panels when there are enough of them (each thread keeps its panels of B in its own
-// cache), else over row ranges.
+// A copied A (see copies_a_blocks) is split over blocks of rows, so that each block is copied
+// once; then `a_row_sums` (zeroed, [rows]) may collect the row sums of A. Otherwise the split is
+// over panels when there are enough of them (each thread keeps its panels of B in its own cache),
+// else over row ranges.
 template <typename Output>
 void packed_gemm(const OperandA& a, int64_t rows, const PackedB& b, const Output& out,
-                 bool accumulate) {
+                 bool accumulate, float* a_row_sums = nullptr) {
   const int64_t row_tiles = (rows + kTileRows - 1) / kTileRows;
   if (rows == 0 || b.panels == 0) {
     return;
   }
+  TORCH_INTERNAL_ASSERT(a_row_sums == nullptr || copies_a_blocks(a));
   // Threads only where each task gets enough work to pay for the hand-off (a step of a small
   // model is a few microseconds of work in all).
   constexpr int64_t kMinFlopsPerTask = 1 << 20;
   const int64_t flops_per_tile = 2 * kTileRows * b.k * kPanelWidth;
   const int64_t threads = at::get_num_threads();
-  if (b.panels >= 2 * threads || row_tiles < 2 * threads) {
+  if (copies_a_blocks(a)) {
+    const int64_t row_blocks = (row_tiles + kBlockTiles - 1) / kBlockTiles;
+    const int64_t grain =
+        std::max<int64_t>(1, kMinFlopsPerTask / (flops_per_tile * kBlockTiles * b.panels));
+    at::parallel_for(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
+      packed_gemm_panels(a, rows, b, out, accumulate, 0, b.panels, begin * kBlockTiles,
+                         std::min(row_tiles, end * kBlockTiles), a_row_sums);
+    });
+  } else if (b.panels >= 2 * threads || row_tiles < 2 * threads) {
     const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / (flops_per_tile * row_tiles));
     at::parallel_for(0, b.panels, grain, [&](int64_t begin, int64_t end) {
       packed_gemm_panels(a, rows, b, out, accumulate, begin, end);

@@ -192,12 +192,36 @@ struct LstmBackwardOutput {
   }
 };
 
-// Threads for a whole recurrence: as many as ATen may use, but no more than there are panels, and
-// only where a step's work outweighs a barrier (a fraction of a microsecond) by a wide margin.
-inline int64_t recurrence_threads(int64_t flops_per_step, int64_t panels) {
+// Threads for a whole recurrence: as many as ATen may use, but no more than there are shares of
+// work (panels, or tiles of batch rows), and only where a step's work outweighs a barrier (a
+// fraction of a microsecond) by a wide margin.
+inline int64_t recurrence_threads(int64_t flops_per_step, int64_t batch, int64_t panels) {
   constexpr int64_t kMinFlopsPerThread = 1 << 16;
   const int64_t wanted = std::max<int64_t>(1, flops_per_step / kMinFlopsPerThread);
-  return std::min({wanted, panels, static_cast<int64_t>(at::get_num_threads())});
+  const int64_t shares = std::max(panels, batch / kTileRows);
+  return std::min({wanted, shares, static_cast<int64_t>(at::get_num_threads())});
+}
+
+// One thread's share of a recurrence: rows [row_begin, row_end) of the batch and panels
+// [panel_begin, panel_end) of the weights, for every step.
+struct RecurrenceShare {
+  int64_t row_begin, row_end, panel_begin, panel_end;
+  int64_t rows() const { return row_end - row_begin; }
+};
+
+// The rows of a batch never meet in a recurrence (row n of h_t needs only row n of h_{t-1}), so
+// when every thread gets at least a full tile of rows, each runs its own rows through the whole
+// sequence: no barrier between steps, and each reads only state it wrote itself. Otherwise (small
+// batches) the threads split the hidden units, all rows each, and wait for each other after every
+// step, since each step reads all of h_{t-1}.
+inline bool splits_rows(int64_t batch, int64_t team) { return batch >= team * kTileRows; }
+
+inline RecurrenceShare recurrence_share(int64_t batch, int64_t panels, int64_t thread,
+                                        int64_t team) {
+  if (splits_rows(batch, team)) {
+    return {batch * thread / team, batch * (thread + 1) / team, 0, panels};
+  }
+  return {0, batch, panels * thread / team, panels * (thread + 1) / team};
 }
 
 // Runs body(thread, threads) on `threads` threads that live for the whole call, so a recurrence
@@ -332,24 +356,33 @@ class FusedFloatBackend final : public StepBackend {
     auto* cells = static_cast<float*>(args.cells);
     const auto* h0 = static_cast<const float*>(args.h0);
     const auto* c0 = static_cast<const float*>(args.c0);
-    const int64_t threads = recurrence_threads(2 * batch * b.k * b.cols, b.panels);
+    const int64_t threads = recurrence_threads(2 * batch * b.k * b.cols, batch, b.panels);
     run_on_threads(threads, [&](int64_t thread, int64_t team) {
-      const int64_t panel_begin = b.panels * thread / team;
-      const int64_t panel_end = b.panels * (thread + 1) / team;
+      const RecurrenceShare share = recurrence_share(batch, b.panels, thread, team);
+      const int64_t r0 = share.row_begin;
       for (int64_t k = 0; k < args.steps; ++k) {
         const int64_t t = recurrence_time(k, args.steps, args.reverse);
         const int64_t prev_t = recurrence_time(k - 1, args.steps, args.reverse);
-        const float* h_prev = k == 0 ? h0 : output + prev_t * batch * hidden;
+        // Every pointer below starts at the share's first row.
+        const float* h_prev = (k == 0 ? h0 : output + prev_t * batch * hidden) + r0 * hidden;
         // Inference keeps one running cell state, updated in place.
-        const float* c_prev = !args.training ? cells
-                              : k == 0       ? c0
-                                             : cells + prev_t * batch * hidden;
-        float* c = args.training ? cells + t * batch * hidden : cells;
-        const LstmForwardOutput out{gates + t * batch * 4 * hidden, c_prev, c,
-                                    output + t * batch * hidden, hidden, args.training, batch};
-        packed_gemm_panels(OperandA{h_prev, b.k, 1}, batch, b, out, /*accumulate=*/true,
-                           panel_begin, panel_end);
-        team_barrier(team);
+        const float* c_prev = (!args.training ? cells
+                               : k == 0       ? c0
+                                              : cells + prev_t * batch * hidden) +
+                              r0 * hidden;
+        float* c = (args.training ? cells + t * batch * hidden : cells) + r0 * hidden;
+        const LstmForwardOutput out{gates + (t * batch + r0) * 4 * hidden,
+                                    c_prev,
+                                    c,
+                                    output + (t * batch + r0) * hidden,
+                                    hidden,
+                                    args.training,
+                                    share.rows()};
+        packed_gemm_panels(OperandA{h_prev, b.k, 1}, share.rows(), b, out, /*accumulate=*/true,
+                           share.panel_begin, share.panel_end);
+        if (!splits_rows(batch, team)) {
+          team_barrier(team);
+        }
       }
     });
     return true;
@@ -391,47 +424,54 @@ class FusedFloatBackend final : public StepBackend {
     auto* d_gates = static_cast<float*>(args.d_gates);
     auto* d_h = static_cast<float*>(args.d_h);
     auto* d_c = static_cast<float*>(args.d_c);
-    const PlainOutput d_h_out{d_h, hidden, &b};
-    const int64_t threads = recurrence_threads(2 * batch * b.k * b.cols, b.panels);
+    const int64_t threads = recurrence_threads(2 * batch * b.k * b.cols, batch, b.panels);
     run_on_threads(threads, [&](int64_t thread, int64_t team) {
-      const int64_t panel_begin = b.panels * thread / team;
-      const int64_t panel_end = b.panels * (thread + 1) / team;
+      const RecurrenceShare share = recurrence_share(batch, b.panels, thread, team);
+      const int64_t r0 = share.row_begin, rows = share.rows();
+      // Every pointer below starts at the share's first row.
+      const PlainOutput d_h_out{d_h + r0 * hidden, hidden, &b};
       const int64_t steps = args.steps;
       int64_t later_t = -1;  // the step processed before this one (t + 1 in forward time order)
       for (int64_t k = 0; k < steps; ++k) {
         const int64_t forward_k = steps - 1 - k;
         const int64_t t = recurrence_time(forward_k, steps, args.reverse);
         const float* c_prev =
-            forward_k == 0 ? c0
-                           : cells + recurrence_time(forward_k - 1, steps, args.reverse) * state_stride;
+            (forward_k == 0
+                 ? c0
+                 : cells + recurrence_time(forward_k - 1, steps, args.reverse) * state_stride) +
+            r0 * hidden;
         const LstmBackwardOutput out{d_h_out,
-                                     gates + t * gate_stride,
-                                     cells + t * state_stride,
+                                     gates + t * gate_stride + r0 * 4 * hidden,
+                                     cells + t * state_stride + r0 * hidden,
                                      c_prev,
-                                     d_output + t * state_stride,
-                                     d_c,
-                                     d_gates + t * gate_stride,
+                                     d_output + t * state_stride + r0 * hidden,
+                                     d_c + r0 * hidden,
+                                     d_gates + t * gate_stride + r0 * 4 * hidden,
                                      hidden,
-                                     batch};
+                                     rows};
         if (k == 0) {
           // The gradient reaching h_t from outside the sequence is grad_h_n, already in d_h.
-          for (int64_t p = panel_begin; p < panel_end; ++p) {
-            for (int64_t row = 0; row < batch; ++row) {
+          for (int64_t p = share.panel_begin; p < share.panel_end; ++p) {
+            for (int64_t row = 0; row < rows; ++row) {
               RawVec acc[1][kPanelVecs];
               out.load<1>(row, p, acc);
               out.finish<1>(row, p, acc);
             }
           }
         } else {
-          packed_gemm_panels(OperandA{d_gates + later_t * gate_stride, b.k, 1}, batch, b, out,
-                             /*accumulate=*/false, panel_begin, panel_end);
+          packed_gemm_panels(
+              OperandA{d_gates + later_t * gate_stride + r0 * 4 * hidden, b.k, 1}, rows, b, out,
+              /*accumulate=*/false, share.panel_begin, share.panel_end);
         }
         later_t = t;
-        team_barrier(team);
+        if (!splits_rows(batch, team)) {
+          team_barrier(team);
+        }
       }
       // grad_h0: the gradient through the first step's recurrent GEMM.
-      packed_gemm_panels(OperandA{d_gates + later_t * gate_stride, b.k, 1}, batch, b, d_h_out,
-                         /*accumulate=*/false, panel_begin, panel_end);
+      packed_gemm_panels(OperandA{d_gates + later_t * gate_stride + r0 * 4 * hidden, b.k, 1},
+                         rows, b, d_h_out, /*accumulate=*/false, share.panel_begin,
+                         share.panel_end);
     });
     return true;
   }
@@ -464,38 +504,47 @@ class FusedFloatBackend final : public StepBackend {
     const auto* h0 = static_cast<const float*>(args.h0);
     const auto* c0 = static_cast<const float*>(args.c0);
     const PlainOutput bias{nullptr, 0, &w_ih, static_cast<const float*>(args.bias)};
-    const int64_t row_tiles = (batch + kTileRows - 1) / kTileRows;
     const int64_t threads =
-        recurrence_threads(2 * batch * (features + hidden) * 4 * hidden, w_hh.panels);
+        recurrence_threads(2 * batch * (features + hidden) * 4 * hidden, batch, w_hh.panels);
     run_on_threads(threads, [&](int64_t thread, int64_t team) {
-      const int64_t panel_begin = w_hh.panels * thread / team;
-      const int64_t panel_end = w_hh.panels * (thread + 1) / team;
+      const RecurrenceShare share = recurrence_share(batch, w_hh.panels, thread, team);
+      const int64_t r0 = share.row_begin, rows = share.rows();
+      const int64_t row_tiles = (rows + kTileRows - 1) / kTileRows;
       for (int64_t k = 0; k < args.steps; ++k) {
         const int64_t t = recurrence_time(k, args.steps, args.reverse);
         const int64_t prev_t = recurrence_time(k - 1, args.steps, args.reverse);
-        const float* x_t = input + t * batch * features;
-        const float* h_prev = k == 0 ? h0 : output + prev_t * batch * hidden;
-        const float* c_prev = !args.training ? cells
-                              : k == 0       ? c0
-                                             : cells + prev_t * batch * hidden;
-        float* c = args.training ? cells + t * batch * hidden : cells;
-        const LstmForwardOutput out{args.training ? gates + t * batch * 4 * hidden : nullptr,
-                                    c_prev, c, output + t * batch * hidden, hidden,
-                                    args.training, batch};
-        // Blocks of rows whose x_t and h_{t-1} rows stay in L2 while the thread's panels (W_ih
-        // and W_hh slices, from L3 when they exceed L2) pass over them.
+        // Every pointer below starts at the share's first row.
+        const float* x_t = input + (t * batch + r0) * features;
+        const float* h_prev = (k == 0 ? h0 : output + prev_t * batch * hidden) + r0 * hidden;
+        const float* c_prev = (!args.training ? cells
+                               : k == 0       ? c0
+                                              : cells + prev_t * batch * hidden) +
+                              r0 * hidden;
+        float* c = (args.training ? cells + t * batch * hidden : cells) + r0 * hidden;
+        const LstmForwardOutput out{
+            args.training ? gates + (t * batch + r0) * 4 * hidden : nullptr,
+            c_prev,
+            c,
+            output + (t * batch + r0) * hidden,
+            hidden,
+            args.training,
+            rows};
+        // Blocks of rows whose x_t and h_{t-1} rows stay in L2 while the panels (W_ih and W_hh,
+        // from L3 when they exceed L2) pass over them.
         for (int64_t t0 = 0; t0 < row_tiles; t0 += kBlockTiles) {
           const int64_t t1 = std::min(row_tiles, t0 + kBlockTiles);
-          for (int64_t p = panel_begin; p < panel_end; ++p) {
+          for (int64_t p = share.panel_begin; p < share.panel_end; ++p) {
             for (int64_t tile = t0; tile < t1; ++tile) {
               const int64_t row0 = tile * kTileRows;
               run_input_fused_tile(OperandA{x_t + row0 * features, features, 1}, w_ih,
                                    OperandA{h_prev + row0 * hidden, hidden, 1}, w_hh, bias, out,
-                                   row0, std::min(kTileRows, batch - row0), p);
+                                   row0, std::min(kTileRows, rows - row0), p);
             }
           }
         }
-        team_barrier(team);
+        if (!splits_rows(batch, team)) {
+          team_barrier(team);
+        }
       }
     });
   }

@@ -259,8 +259,8 @@ class FusedFloatBackend final : public StepBackend {
       StepBackend::matmul(a, b, out, accumulate);
       return;
     }
-    const PackedB packed = pack_b(b.const_data_ptr<float>(), b.stride(0), b.stride(1), b.size(0),
-                                  b.size(1), ColumnOrder::kPlain);
+    const PackedB packed =
+        plain_b(b.const_data_ptr<float>(), b.stride(0), b.stride(1), b.size(0), b.size(1));
     const OperandA a_operand{a.const_data_ptr<float>(), a.stride(0), a.stride(1)};
     packed_gemm(a_operand, a.size(0), packed, PlainOutput{out.data_ptr<float>(), out.stride(0), &packed},
                 accumulate);
@@ -281,8 +281,8 @@ class FusedFloatBackend final : public StepBackend {
     if (grad_bias != nullptr) {
       sums = at::zeros({d_gates.size(1)}, d_gates.options());
     }
-    const PackedB packed = pack_b(x.const_data_ptr<float>(), x.stride(0), x.stride(1), x.size(0),
-                                  x.size(1), ColumnOrder::kPlain);
+    const PackedB packed =
+        plain_b(x.const_data_ptr<float>(), x.stride(0), x.stride(1), x.size(0), x.size(1));
     packed_gemm(a_operand, d_gates.size(1), packed,
                 PlainOutput{grad_w.data_ptr<float>(), grad_w.stride(0), &packed},
                 /*accumulate=*/false, sums.defined() ? sums.data_ptr<float>() : nullptr);
@@ -562,8 +562,8 @@ class FusedFloatBackend final : public StepBackend {
     }
     RawVec acc[kRows][kPanelVecs];
     bias.init<kRows>(panel, acc);
-    tile_multiply<kRows>(x, w_ih.k, w_ih.panel(panel), acc);
-    tile_multiply<kRows>(h, w_hh.k, w_hh.panel(panel), acc);
+    tile_multiply<kRows>(x, w_ih.k, w_ih.panel(panel), w_ih.k_stride, acc);
+    tile_multiply<kRows>(h, w_hh.k, w_hh.panel(panel), w_hh.k_stride, acc);
     out.finish<kRows>(row0, panel, acc);
   }
 

@@ -41,6 +41,31 @@ def test_bitwise_deterministic_run_to_run(dtype, packed):
             assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(
+    lstm_ext.build_info()["cpu_capability"] == "DEFAULT",
+    reason="the DEFAULT kernel set multiplies with ATen GEMMs, whose sums follow the threads",
+)
+@pytest.mark.parametrize("batch", [1, 7, 32], ids=lambda n: f"N{n}")
+def test_float32_results_do_not_depend_on_thread_count(batch):
+    # The CPU kernels fix the order of every sum (a GEMM's K loop, the bias gradient), whether
+    # threads split the batch, the hidden units or the GEMM rows, so float32 results are
+    # bitwise the same on 1, 2 or 3 threads. (Projections excepted: W_hr goes through ATen.)
+    torch.manual_seed(0)
+    lstm = lstm_ext.LSTM(40, 128, num_layers=2, bidirectional=True)
+    x = torch.randn(9, batch, 40, requires_grad=True)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(_run_and_grad(lstm, x))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_dropout_masks_reproducible_under_manual_seed():
     lstm = lstm_ext.LSTM(5, 8, num_layers=3, dropout=0.5)
     x = torch.randn(6, 4, 5, requires_grad=True)

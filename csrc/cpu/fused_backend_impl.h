@@ -28,6 +28,8 @@ struct LstmForwardOutput {
   int64_t hidden;
   bool training;
   int64_t rows;  // N
+  // Save the activations with streaming stores (save_units); only for callers that fence after.
+  bool stream_saved = false;
 
   float* gate_ptr(int64_t row, int64_t panel, int64_t vec) const {
     return gates + row * 4 * hidden + vec * hidden + panel * kVecWidth;
@@ -43,6 +45,21 @@ struct LstmForwardOutput {
       v.store(p);
     } else {
       v.store(p, count);
+    }
+  }
+  // The activations saved for backward are not read again before backward, long after: written
+  // around the cache where aligned (no read of each line before writing it, no eviction of the
+  // weights). With stream_saved only: the caller must _mm_sfence() on every thread that ran this
+  // before the buffer is read.
+  void save_units(float* p, const FloatVec& v, int64_t count) const {
+    if (stream_saved && count == kVecWidth && reinterpret_cast<uintptr_t>(p) % sizeof(RawVec) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm512_stream_ps(p, v);
+#else
+      _mm256_stream_ps(p, v);
+#endif
+    } else {
+      store_units(p, v, count);
     }
   }
 
@@ -96,10 +113,10 @@ struct LstmForwardOutput {
       store_units(c + row * hidden + j, result.c, count);
       store_units(h + row * hidden + j, result.h, count);
       if (training) {
-        store_units(gate_ptr(row, panel, 0), result.gates.i, count);
-        store_units(gate_ptr(row, panel, 1), result.gates.f, count);
-        store_units(gate_ptr(row, panel, 2), result.gates.g, count);
-        store_units(gate_ptr(row, panel, 3), result.gates.o, count);
+        save_units(gate_ptr(row, panel, 0), result.gates.i, count);
+        save_units(gate_ptr(row, panel, 1), result.gates.f, count);
+        save_units(gate_ptr(row, panel, 2), result.gates.g, count);
+        save_units(gate_ptr(row, panel, 3), result.gates.o, count);
       }
     }
   }
@@ -377,13 +394,15 @@ class FusedFloatBackend final : public StepBackend {
                                     output + (t * batch + r0) * hidden,
                                     hidden,
                                     args.training,
-                                    share.rows()};
+                                    share.rows(),
+                                    /*stream_saved=*/true};
         packed_gemm_panels(OperandA{h_prev, b.k, 1}, share.rows(), b, out, /*accumulate=*/true,
                            share.panel_begin, share.panel_end);
         if (!splits_rows(batch, team)) {
           team_barrier(team);
         }
       }
+      _mm_sfence();  // the saved activations' streaming stores (LstmForwardOutput::save_units)
     });
     return true;
   }
@@ -528,7 +547,8 @@ class FusedFloatBackend final : public StepBackend {
             output + (t * batch + r0) * hidden,
             hidden,
             args.training,
-            rows};
+            rows,
+            /*stream_saved=*/true};
         // Blocks of rows whose x_t and h_{t-1} rows stay in L2 while the panels (W_ih and W_hh,
         // from L3 when they exceed L2) pass over them.
         for (int64_t t0 = 0; t0 < row_tiles; t0 += kBlockTiles) {
@@ -546,6 +566,7 @@ class FusedFloatBackend final : public StepBackend {
           team_barrier(team);
         }
       }
+      _mm_sfence();  // the saved activations' streaming stores (LstmForwardOutput::save_units)
     });
   }
 

@@ -45,14 +45,16 @@ def test_bitwise_deterministic_run_to_run(dtype, packed):
     lstm_ext.build_info()["cpu_capability"] == "DEFAULT",
     reason="the DEFAULT kernel set multiplies with ATen GEMMs, whose sums follow the threads",
 )
+@pytest.mark.parametrize("features", [2, 48], ids=lambda c: f"C{c}")
 @pytest.mark.parametrize("batch", [1, 7, 32], ids=lambda n: f"N{n}")
-def test_float32_results_do_not_depend_on_thread_count(batch):
-    # The CPU kernels fix the order of every sum (a GEMM's K loop, the bias gradient), whether
-    # threads split the batch, the hidden units or the GEMM rows, so float32 results are
-    # bitwise the same on 1, 2 or 3 threads. (Projections excepted: W_hr goes through ATen.)
+def test_float32_results_do_not_depend_on_thread_count(batch, features):
+    # The CPU kernels fix the order of every sum (a GEMM's K loop, the bias gradient, the chunks
+    # of the narrow products that a 2-feature input's gradients take), whether threads split the
+    # batch, the hidden units or the GEMM rows, so float32 results are bitwise the same on 1, 2
+    # or 3 threads. (Projections excepted: W_hr goes through ATen.)
     torch.manual_seed(0)
-    lstm = lstm_ext.LSTM(40, 128, num_layers=2, bidirectional=True)
-    x = torch.randn(9, batch, 40, requires_grad=True)
+    lstm = lstm_ext.LSTM(features, 128, num_layers=2, bidirectional=True)
+    x = torch.randn(9, batch, features, requires_grad=True)
     threads = torch.get_num_threads()
     try:
         results = []

@@ -12,6 +12,7 @@
 
 #include "../common/lstm_sequence.h"
 #include "lstm_pointwise_impl.h"
+#include "narrow_gemm.h"
 #include "packed_gemm.h"
 
 namespace lstm_ext::cpu {
@@ -271,8 +272,31 @@ class FusedFloatBackend final : public StepBackend {
  public:
   explicit FusedFloatBackend(const PointwiseKernels& kernels) : StepBackend(kernels) {}
 
+  // Whether a product with `cols` output columns wastes too much of the packed GEMM's panels
+  // (whole kPanelWidth columns each): a 2-feature input's dX or dW_ih would compute 64 columns to
+  // keep 2. Those go to narrow_gemm.h.
+  static bool too_narrow(int64_t cols) {
+    const int64_t padded = (cols + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
+    return 2 * padded > 3 * cols;
+  }
+
   void matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate) override {
     if (a.size(1) == 0 || !out.is_contiguous()) {
+      StepBackend::matmul(a, b, out, accumulate);
+      return;
+    }
+    if (too_narrow(b.size(1))) {
+      if (a.stride(1) == 1) {
+        narrow_product(a.const_data_ptr<float>(), a.stride(0), a.size(0), a.size(1), b,
+                       out.data_ptr<float>(), out.stride(0), accumulate);
+        return;
+      }
+      if (a.stride(0) == 1 && b.stride(1) == 1) {  // a = D^T, D row-major: a weight gradient
+        narrow_transposed_product(a.const_data_ptr<float>(), a.stride(1), a.size(1), a.size(0),
+                                  b.const_data_ptr<float>(), b.stride(0), b.size(1),
+                                  out.data_ptr<float>(), out.stride(0), accumulate, nullptr);
+        return;
+      }
       StepBackend::matmul(a, b, out, accumulate);
       return;
     }
@@ -290,13 +314,24 @@ class FusedFloatBackend final : public StepBackend {
     const OperandA a_operand{d_gates.const_data_ptr<float>(), d_gates.stride(1),
                              d_gates.stride(0)};
     if (x.size(1) == 0 || d_gates.size(0) == 0 || !grad_w.is_contiguous() ||
-        !copies_a_blocks(a_operand)) {
+        !copies_a_blocks(a_operand) || x.stride(1) != 1) {
       StepBackend::weight_gradient(d_gates, x, grad_w, grad_bias);
       return;
     }
     at::Tensor sums;
     if (grad_bias != nullptr) {
       sums = at::zeros({d_gates.size(1)}, d_gates.options());
+    }
+    if (too_narrow(x.size(1))) {
+      narrow_transposed_product(d_gates.const_data_ptr<float>(), d_gates.stride(0),
+                                d_gates.size(0), d_gates.size(1), x.const_data_ptr<float>(),
+                                x.stride(0), x.size(1), grad_w.data_ptr<float>(),
+                                grad_w.stride(0), /*accumulate=*/false,
+                                sums.defined() ? sums.data_ptr<float>() : nullptr);
+      if (grad_bias != nullptr) {
+        *grad_bias = sums;
+      }
+      return;
     }
     const PackedB packed =
         plain_b(x.const_data_ptr<float>(), x.stride(0), x.stride(1), x.size(0), x.size(1));

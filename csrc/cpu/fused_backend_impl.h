@@ -1,6 +1,12 @@
 // The CPU float32 StepBackend: the recurrent GEMM of each step fused with the step's pointwise
 // pass, over W_hh packed once per call, and the large GEMMs on the same packed-B kernel.
 //
+// A padded batch without projections runs each whole recurrence (forward_recurrence,
+// backward_recurrence) in one parallel region whose threads own a share of the batch rows or of
+// the hidden units for the whole sequence; from batch 16 on the forward step also computes its
+// input projection. Packed batches and projections take the generic step loop of
+// lstm_sequence.cpp through forward_step / recurrent_gradient, on the same kernels.
+//
 // Included by the per-instruction-set files (lstm_kernels_avx2.cpp, lstm_kernels_avx512.cpp) after
 // lstm_pointwise_impl.h, inside which the gate math's SIMD activations are defined.
 #pragma once
@@ -22,7 +28,8 @@ inline namespace CPU_CAPABILITY {
 // hidden units (B packed in gate order, so vector v of a tile is gate v); the last K block turns
 // them into c_t and h_t in registers, and saves the activated gates when training.
 struct LstmForwardOutput {
-  float* gates;          // [N, 4H] pre-activations in (input projection and biases), out as above
+  float* gates;          // [N, 4H] pre-activations in (input projection and biases), out as
+                         // above; null when the input projection is fused and not training
   const float* c_prev;   // [N, H]
   float* c;              // [N, H]
   float* h;              // [N, H]
@@ -402,37 +409,15 @@ class FusedFloatBackend final : public StepBackend {
     if (b.k == 0 || b.panels == 0 || args.batch == 0) {
       return false;
     }
-    const int64_t batch = args.batch, hidden = args.hidden;
-    auto* gates = static_cast<float*>(args.gates);
-    auto* output = static_cast<float*>(args.output);
-    auto* cells = static_cast<float*>(args.cells);
-    const auto* h0 = static_cast<const float*>(args.h0);
-    const auto* c0 = static_cast<const float*>(args.c0);
+    const int64_t batch = args.batch;
     const int64_t threads = recurrence_threads(2 * batch * b.k * b.cols, batch, b.panels);
     run_on_threads(threads, [&](int64_t thread, int64_t team) {
       const RecurrenceShare share = recurrence_share(batch, b.panels, thread, team);
       const int64_t r0 = share.row_begin;
       for (int64_t k = 0; k < args.steps; ++k) {
-        const int64_t t = recurrence_time(k, args.steps, args.reverse);
-        const int64_t prev_t = recurrence_time(k - 1, args.steps, args.reverse);
-        // Every pointer below starts at the share's first row.
-        const float* h_prev = (k == 0 ? h0 : output + prev_t * batch * hidden) + r0 * hidden;
-        // Inference keeps one running cell state, updated in place.
-        const float* c_prev = (!args.training ? cells
-                               : k == 0       ? c0
-                                              : cells + prev_t * batch * hidden) +
-                              r0 * hidden;
-        float* c = (args.training ? cells + t * batch * hidden : cells) + r0 * hidden;
-        const LstmForwardOutput out{gates + (t * batch + r0) * 4 * hidden,
-                                    c_prev,
-                                    c,
-                                    output + (t * batch + r0) * hidden,
-                                    hidden,
-                                    args.training,
-                                    share.rows(),
-                                    /*stream_saved=*/true};
-        packed_gemm_panels(OperandA{h_prev, b.k, 1}, share.rows(), b, out, /*accumulate=*/true,
-                           share.panel_begin, share.panel_end);
+        const ForwardStepView step = forward_step_view(args, k, r0, share.rows());
+        packed_gemm_panels(OperandA{step.h_prev, b.k, 1}, share.rows(), b, step.out,
+                           /*accumulate=*/true, share.panel_begin, share.panel_end);
         if (!splits_rows(batch, team)) {
           team_barrier(team);
         }
@@ -544,19 +529,15 @@ class FusedFloatBackend final : public StepBackend {
  private:
   // forward_recurrence when the backend fuses the input projection: each step's tile is
   // bias + x_t W_ih^T + h_{t-1} W_hh^T, accumulated in registers over the whole K of both (no
-  // partial sums in memory), then the LSTM epilogue. Threads own panels as in forward_recurrence.
+  // partial sums in memory), then the LSTM epilogue. Threads share the work as in
+  // forward_recurrence.
   void forward_recurrence_with_input(const ForwardRecurrenceArgs& args) {
     const int64_t batch = args.batch, hidden = args.hidden, features = args.features;
     // B = W_ih^T in gate order, like W_hh: element (k, col) = w_ih[col][k].
     const PackedB w_ih = pack_b(static_cast<const float*>(args.w_ih), /*k_stride=*/1,
                                 /*col_stride=*/features, features, 4 * hidden, ColumnOrder::kGates);
     const PackedB& w_hh = packed_w_hh_;
-    auto* gates = static_cast<float*>(args.gates);  // null in inference
-    auto* output = static_cast<float*>(args.output);
-    auto* cells = static_cast<float*>(args.cells);
     const auto* input = static_cast<const float*>(args.input);
-    const auto* h0 = static_cast<const float*>(args.h0);
-    const auto* c0 = static_cast<const float*>(args.c0);
     const PlainOutput bias{nullptr, 0, &w_ih, static_cast<const float*>(args.bias)};
     const int64_t threads =
         recurrence_threads(2 * batch * (features + hidden) * 4 * hidden, batch, w_hh.panels);
@@ -565,25 +546,10 @@ class FusedFloatBackend final : public StepBackend {
       const int64_t r0 = share.row_begin, rows = share.rows();
       const int64_t row_tiles = (rows + kTileRows - 1) / kTileRows;
       for (int64_t k = 0; k < args.steps; ++k) {
-        const int64_t t = recurrence_time(k, args.steps, args.reverse);
-        const int64_t prev_t = recurrence_time(k - 1, args.steps, args.reverse);
-        // Every pointer below starts at the share's first row.
-        const float* x_t = input + (t * batch + r0) * features;
-        const float* h_prev = (k == 0 ? h0 : output + prev_t * batch * hidden) + r0 * hidden;
-        const float* c_prev = (!args.training ? cells
-                               : k == 0       ? c0
-                                              : cells + prev_t * batch * hidden) +
-                              r0 * hidden;
-        float* c = (args.training ? cells + t * batch * hidden : cells) + r0 * hidden;
-        const LstmForwardOutput out{
-            args.training ? gates + (t * batch + r0) * 4 * hidden : nullptr,
-            c_prev,
-            c,
-            output + (t * batch + r0) * hidden,
-            hidden,
-            args.training,
-            rows,
-            /*stream_saved=*/true};
+        const ForwardStepView step = forward_step_view(args, k, r0, rows);
+        const float* x_t = input + (step.t * batch + r0) * features;
+        const float* h_prev = step.h_prev;
+        const LstmForwardOutput& out = step.out;
         // Blocks of rows whose x_t and h_{t-1} rows stay in L2 while the panels (W_ih and W_hh,
         // from L3 when they exceed L2) pass over them.
         for (int64_t t0 = 0; t0 < row_tiles; t0 += kBlockTiles) {
@@ -621,6 +587,38 @@ class FusedFloatBackend final : public StepBackend {
     tile_multiply<kRows>(x, w_ih.k, w_ih.panel(panel), w_ih.k_stride, acc);
     tile_multiply<kRows>(h, w_hh.k, w_hh.panel(panel), w_hh.k_stride, acc);
     out.finish<kRows>(row0, panel, acc);
+  }
+
+  // What step k of a whole forward recurrence reads and writes, for the share of rows starting
+  // at r0: every pointer starts at that row.
+  struct ForwardStepView {
+    int64_t t;              // the step's time index
+    const float* h_prev;    // h_{t-1} rows
+    LstmForwardOutput out;  // its epilogue (gates, c_{t-1}, c_t, h_t)
+  };
+  static ForwardStepView forward_step_view(const ForwardRecurrenceArgs& args, int64_t k,
+                                           int64_t r0, int64_t rows) {
+    const int64_t batch = args.batch, hidden = args.hidden;
+    const auto* h0 = static_cast<const float*>(args.h0);
+    const auto* c0 = static_cast<const float*>(args.c0);
+    auto* gates = static_cast<float*>(args.gates);
+    auto* output = static_cast<float*>(args.output);
+    auto* cells = static_cast<float*>(args.cells);
+    const int64_t t = recurrence_time(k, args.steps, args.reverse);
+    const int64_t prev_t = recurrence_time(k - 1, args.steps, args.reverse);
+    const float* h_prev = (k == 0 ? h0 : output + prev_t * batch * hidden) + r0 * hidden;
+    // Inference keeps one running cell state, updated in place.
+    const float* c_prev = (!args.training ? cells
+                           : k == 0       ? c0
+                                          : cells + prev_t * batch * hidden) +
+                          r0 * hidden;
+    float* c = (args.training ? cells + t * batch * hidden : cells) + r0 * hidden;
+    // gates is null when the input projection is fused and not training.
+    float* step_gates = gates != nullptr ? gates + (t * batch + r0) * 4 * hidden : nullptr;
+    return {t,
+            h_prev,
+            LstmForwardOutput{step_gates, c_prev, c, output + (t * batch + r0) * hidden, hidden,
+                              args.training, rows, /*stream_saved=*/true}};
   }
 
   int64_t hidden_ = 0;

@@ -219,8 +219,6 @@ at::Tensor flatten(const at::Tensor& t, const StepLayout& layout, int64_t width)
 // ---------------------------------------------------------------------------------------------
 // The time loop.
 
-// Index of the k-th processed step: the recurrence runs forward in time, or backward for `reverse`.
-int64_t step_time(int64_t k, int64_t steps, bool reverse) { return reverse ? steps - 1 - k : k; }
 
 // Rows [first, first + count) of a contiguous [rows, width] buffer, sharing its storage; the
 // buffer itself when that is all of it (every step of a padded batch). Built directly rather
@@ -334,7 +332,7 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
   }
   bool whole_recurrence = false;
   if (whole_recurrence_possible) {
-    const at::Tensor w_ih_c = w_ih.contiguous();
+    const at::Tensor w_ih_c = fused_input ? w_ih.contiguous() : at::Tensor();
     const ForwardRecurrenceArgs args{steps,
                                      batch,
                                      hidden,

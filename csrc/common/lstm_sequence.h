@@ -25,6 +25,12 @@
 
 namespace lstm_ext {
 
+// Time index of the k-th processed step: the recurrence runs forward in time, or backward for
+// `reverse`.
+inline int64_t step_time(int64_t k, int64_t steps, bool reverse) {
+  return reverse ? steps - 1 - k : k;
+}
+
 // A whole recurrence of a padded batch without projections, for a backend that runs it in one
 // call (StepBackend::forward_recurrence / backward_recurrence). Contiguous buffers, raw pointers;
 // rows of step t start at row t * N. Shapes as for lstm_forward, with P = H.

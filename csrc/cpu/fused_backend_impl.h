@@ -45,16 +45,6 @@ struct LstmForwardOutput {
   int64_t units(int64_t panel) const {
     return std::min<int64_t>(kVecWidth, hidden - panel * kVecWidth);
   }
-  static FloatVec load_units(const float* p, int64_t count) {
-    return count == kVecWidth ? FloatVec::loadu(p) : FloatVec::loadu(p, count);
-  }
-  static void store_units(float* p, const FloatVec& v, int64_t count) {
-    if (count == kVecWidth) {
-      v.store(p);
-    } else {
-      v.store(p, count);
-    }
-  }
   // The activations saved for backward are not read again before backward, long after: written
   // around the cache where aligned (no read of each line before writing it, no eviction of the
   // weights). With stream_saved only: the caller must _mm_sfence() on every thread that ran this
@@ -194,10 +184,8 @@ struct LstmBackwardOutput {
         if (count <= 0) {
           break;
         }
-        const auto load = [count](const float* p) { return LstmForwardOutput::load_units(p, count); };
-        const auto store = [count](float* p, const FloatVec& x) {
-          LstmForwardOutput::store_units(p, x, count);
-        };
+        const auto load = [count](const float* p) { return load_units(p, count); };
+        const auto store = [count](float* p, const FloatVec& x) { store_units(p, x, count); };
         const float* gates_row = gates + row * 4 * hidden + j;
         const GateActivations<FloatVec> act{load(gates_row), load(gates_row + hidden),
                                             load(gates_row + 2 * hidden),
@@ -270,11 +258,6 @@ inline void team_barrier(int64_t threads) {
   }
 }
 
-// Time index of the k-th processed step of a forward recurrence.
-inline int64_t recurrence_time(int64_t k, int64_t steps, bool reverse) {
-  return reverse ? steps - 1 - k : k;
-}
-
 class FusedFloatBackend final : public StepBackend {
  public:
   explicit FusedFloatBackend(const PointwiseKernels& kernels) : StepBackend(kernels) {}
@@ -325,29 +308,22 @@ class FusedFloatBackend final : public StepBackend {
       StepBackend::weight_gradient(d_gates, x, grad_w, grad_bias);
       return;
     }
-    at::Tensor sums;
     if (grad_bias != nullptr) {
-      sums = at::zeros({d_gates.size(1)}, d_gates.options());
+      *grad_bias = at::zeros({d_gates.size(1)}, d_gates.options());
     }
+    float* sums = grad_bias != nullptr ? grad_bias->data_ptr<float>() : nullptr;
     if (too_narrow(x.size(1))) {
       narrow_transposed_product(d_gates.const_data_ptr<float>(), d_gates.stride(0),
                                 d_gates.size(0), d_gates.size(1), x.const_data_ptr<float>(),
                                 x.stride(0), x.size(1), grad_w.data_ptr<float>(),
-                                grad_w.stride(0), /*accumulate=*/false,
-                                sums.defined() ? sums.data_ptr<float>() : nullptr);
-      if (grad_bias != nullptr) {
-        *grad_bias = sums;
-      }
+                                grad_w.stride(0), /*accumulate=*/false, sums);
       return;
     }
     const PackedB packed =
         plain_b(x.const_data_ptr<float>(), x.stride(0), x.stride(1), x.size(0), x.size(1));
     packed_gemm(a_operand, d_gates.size(1), packed,
                 PlainOutput{grad_w.data_ptr<float>(), grad_w.stride(0), &packed},
-                /*accumulate=*/false, sums.defined() ? sums.data_ptr<float>() : nullptr);
-    if (grad_bias != nullptr) {
-      *grad_bias = sums;
-    }
+                /*accumulate=*/false, sums);
   }
 
   // W_hh is [4H, K] with K the width of h_{t-1}: H, or the projection size once projections
@@ -473,11 +449,11 @@ class FusedFloatBackend final : public StepBackend {
       int64_t later_t = -1;  // the step processed before this one (t + 1 in forward time order)
       for (int64_t k = 0; k < steps; ++k) {
         const int64_t forward_k = steps - 1 - k;
-        const int64_t t = recurrence_time(forward_k, steps, args.reverse);
+        const int64_t t = step_time(forward_k, steps, args.reverse);
         const float* c_prev =
             (forward_k == 0
                  ? c0
-                 : cells + recurrence_time(forward_k - 1, steps, args.reverse) * state_stride) +
+                 : cells + step_time(forward_k - 1, steps, args.reverse) * state_stride) +
             r0 * hidden;
         const LstmBackwardOutput out{d_h_out,
                                      gates + t * gate_stride + r0 * 4 * hidden,
@@ -604,8 +580,8 @@ class FusedFloatBackend final : public StepBackend {
     auto* gates = static_cast<float*>(args.gates);
     auto* output = static_cast<float*>(args.output);
     auto* cells = static_cast<float*>(args.cells);
-    const int64_t t = recurrence_time(k, args.steps, args.reverse);
-    const int64_t prev_t = recurrence_time(k - 1, args.steps, args.reverse);
+    const int64_t t = step_time(k, args.steps, args.reverse);
+    const int64_t prev_t = step_time(k - 1, args.steps, args.reverse);
     const float* h_prev = (k == 0 ? h0 : output + prev_t * batch * hidden) + r0 * hidden;
     // Inference keeps one running cell state, updated in place.
     const float* c_prev = (!args.training ? cells

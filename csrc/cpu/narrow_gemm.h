@@ -21,10 +21,6 @@
 namespace lstm_ext::cpu {
 inline namespace CPU_CAPABILITY {
 
-inline FloatVec load_count(const float* p, int64_t count) {
-  return count == kVecWidth ? FloatVec::loadu(p) : FloatVec::loadu(p, count);
-}
-
 // Sum of a vector's lanes, lane 0 first: a fixed order.
 inline float lane_sum(const FloatVec& v) {
   float lanes[kVecWidth];
@@ -50,7 +46,7 @@ inline void narrow_product(const float* a, int64_t lda, int64_t m_size, int64_t 
         FloatVec acc(0.f);
         for (int64_t k = 0; k < k_size; k += kVecWidth) {
           const int64_t count = std::min(kVecWidth, k_size - k);
-          acc = at::vec::fmadd(load_count(row + k, count), load_count(column + k, count), acc);
+          acc = at::vec::fmadd(load_units(row + k, count), load_units(column + k, count), acc);
         }
         const float dot = lane_sum(acc);
         out[m * ldo + n] = accumulate ? out[m * ldo + n] + dot : dot;
@@ -78,14 +74,14 @@ inline void narrow_transposed_product(const float* d, int64_t ldd, int64_t k_siz
         const float* d_row = d + k * ldd;
         for (int64_t m = 0; m < m_size; m += kVecWidth) {
           const int64_t count = std::min(kVecWidth, m_size - m);
-          const FloatVec dv = load_count(d_row + m, count);
+          const FloatVec dv = load_units(d_row + m, count);
           for (int64_t n = 0; n < n_size; ++n) {
             float* s = sums + n * m_size + m;
-            at::vec::fmadd(dv, FloatVec(b[k * ldb + n]), load_count(s, count)).store(s, count);
+            at::vec::fmadd(dv, FloatVec(b[k * ldb + n]), load_units(s, count)).store(s, count);
           }
           if (column_sums != nullptr) {
             float* s = sums + n_size * m_size + m;
-            (load_count(s, count) + dv).store(s, count);
+            (load_units(s, count) + dv).store(s, count);
           }
         }
       }

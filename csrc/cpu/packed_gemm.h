@@ -68,6 +68,19 @@ constexpr int64_t kTileRows = kVecWidth == 16 ? 6 : 3;
 constexpr int64_t kBlockK = LSTM_GEMM_BLOCK_K;
 constexpr int64_t kBlockTiles = (LSTM_GEMM_BLOCK_ROWS + kTileRows - 1) / kTileRows;
 
+// The first `count` (1..kVecWidth) floats at p as one vector, the rest zero; and the store of
+// that many: the edge of a row that is not a whole number of vectors.
+inline FloatVec load_units(const float* p, int64_t count) {
+  return count == kVecWidth ? FloatVec::loadu(p) : FloatVec::loadu(p, count);
+}
+inline void store_units(float* p, const FloatVec& v, int64_t count) {
+  if (count == kVecWidth) {
+    v.store(p);
+  } else {
+    v.store(p, count);
+  }
+}
+
 enum class ColumnOrder { kPlain, kGates };
 
 // B as the kernels below read it: panel p's row k (its kPanelWidth values for that k) starts at
@@ -272,9 +285,7 @@ struct PlainOutput {
       if (bias != nullptr) {
         const int64_t count = panel_column_count(*b, panel, v);
         const float* src = bias + panel_column(*b, panel, v);
-        start = count == kVecWidth ? FloatVec::loadu(src)
-                : count > 0        ? FloatVec::loadu(src, count)
-                                   : FloatVec(0.f);
+        start = count > 0 ? load_units(src, count) : FloatVec(0.f);
       }
       for (int64_t r = 0; r < kRows; ++r) acc[r][v] = start;
     }
@@ -286,9 +297,8 @@ struct PlainOutput {
       for (int64_t v = 0; v < kPanelVecs; ++v) {
         const int64_t count = panel_column_count(*b, panel, v);
         const float* src = c + (row0 + r) * ldc + panel_column(*b, panel, v);
-        acc[r][v] = count == kVecWidth ? FloatVec::loadu(src)
-                    : count > 0        ? FloatVec::loadu(src, count)
-                                       : FloatVec(0.f);  // Vectorized converts to RawVec
+        // Vectorized converts to RawVec.
+        acc[r][v] = count > 0 ? load_units(src, count) : FloatVec(0.f);
       }
     }
   }
@@ -298,10 +308,8 @@ struct PlainOutput {
       for (int64_t v = 0; v < kPanelVecs; ++v) {
         const int64_t count = panel_column_count(*b, panel, v);
         float* dst = c + (row0 + r) * ldc + panel_column(*b, panel, v);
-        if (count == kVecWidth) {
-          FloatVec(acc[r][v]).store(dst);
-        } else if (count > 0) {
-          FloatVec(acc[r][v]).store(dst, count);
+        if (count > 0) {
+          store_units(dst, FloatVec(acc[r][v]), count);
         }
       }
     }

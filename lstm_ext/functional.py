@@ -159,10 +159,16 @@ def lstm(
             w = weights[index * per_cell : (index + 1) * per_cell]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if projected else None
-            out, h, c, _, _, _ = ops.lstm_forward(
-                layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh,
-                reverse=direction == 1, training=training, w_hr=w_hr, batch_sizes=batch_sizes,
-            )
+            if training:
+                out, h, c, _, _, _ = ops.LstmLayerFunction.apply(
+                    layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh, w_hr, batch_sizes,
+                    direction == 1,
+                )
+            else:
+                out, h, c, _, _, _ = ops.lstm_forward(
+                    layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh,
+                    reverse=direction == 1, training=False, w_hr=w_hr, batch_sizes=batch_sizes,
+                )
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
@@ -220,6 +226,8 @@ def lstm_cell(
                 "Expected all tensors to be on the same device, but found at least two devices, "
                 f"{tensor.device} and {input.device}!"
             )
-    training = _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh)
-    h_new, c_new, _ = ops.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, training)
+    if _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh):
+        h_new, c_new, _ = ops.LstmCellFunction.apply(input, h, c, w_ih, w_hh, b_ih, b_hh)
+    else:
+        h_new, c_new, _ = ops.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, False)
     return h_new, c_new

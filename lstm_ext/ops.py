@@ -11,6 +11,7 @@ Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``P`` proj
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -144,36 +145,182 @@ def _lstm_cell_backward_fake(grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd: each forward op's backward is its private backward op.
+# Autograd.
+#
+# First-order gradients always run the fused backward ops. That backward is itself differentiable
+# (double backward: gradient penalties, MAML, Hessian-vector products): its own backward
+# differentiates the same gradients written in the reference's plain PyTorch ops, which autograd
+# and torch.func differentiate to any order. Only a graph that differentiates a gradient pays for
+# the slower reference math; first-order calls run exactly as before.
+#
+# Two entry points share this machinery:
+# - torch.library.register_autograd on the forward ops, for direct callers of torch.ops.lstm_ext
+#   (and torch.library.opcheck);
+# - the autograd.Function classes LstmLayerFunction and LstmCellFunction, which the functional
+#   layer applies. Unlike the Function torch.library generates, they define setup_context and a
+#   vmap rule, which torch.func's transforms (grad, vjp, jacrev, vmap) require.
 
-
-def _lstm_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, _training, *rest = inputs
-    w_hr, batch_sizes = (list(rest) + [None, None])[:2]
-    out, _h_n, _c_n, saved_gates, saved_cells, saved_hidden = output
-    ctx.save_for_backward(
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, saved_gates, saved_cells,
-        saved_hidden,
-    )
-    ctx.reverse = reverse
-    ctx.mark_non_differentiable(saved_gates, saved_cells, saved_hidden)
-    # Otherwise autograd would allocate zero gradients for the saved buffers too ([T, N, 4H]).
-    ctx.set_materialize_grads(False)
+_LayerInputs = tuple  # (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr); b_*, w_hr may be None
+_CellInputs = tuple  # (input, hx, cx, w_ih, w_hh, b_ih, b_hh); b_* may be None
 
 
 def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
 
-def _lstm_forward_backward(
-    ctx: Any,
-    grad_output: Tensor | None,
-    grad_h_n: Tensor | None,
-    grad_c_n: Tensor | None,
-    *_saved: Tensor | None,
-) -> tuple:
-    (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, out, saved_gates, saved_cells,
-     saved_hidden) = ctx.saved_tensors
+def _vjp(function: Callable, arguments: tuple, cotangents: tuple) -> list[Tensor | None]:
+    """The vector-Jacobian product of ``function(*arguments)`` with ``cotangents``.
+
+    None arguments are held fixed and get None. None entries of function's output tuple (outputs
+    that do not exist, e.g. the bias gradient of a layer without biases) take no cotangent; a
+    None cotangent counts as zero. Computed with torch.func.vjp rather than
+    torch.autograd.grad: it nests both inside torch.func transforms and inside autograd, and its
+    result is differentiable wherever its inputs are, so gradients compose to any order.
+    """
+    present = [k for k, value in enumerate(arguments) if value is not None]
+    exists: list[bool] = []
+
+    def on_present(*values: Tensor) -> tuple[Tensor, ...]:
+        full = list(arguments)
+        for k, value in zip(present, values):
+            full[k] = value
+        outputs = function(*full)
+        exists[:] = [out is not None for out in outputs]
+        return tuple(out for out in outputs if out is not None)
+
+    outputs, vjp_fn = torch.func.vjp(on_present, *(arguments[k] for k in present))
+    kept = [ct for ct, keep in zip(cotangents, exists) if keep]
+    filled = tuple(_zeros_if_none(ct, out) for ct, out in zip(kept, outputs))
+    result: list[Tensor | None] = [None] * len(arguments)
+    for k, grad in zip(present, vjp_fn(filled)):
+        result[k] = grad
+    return result
+
+
+def _reference_layer_gradients(
+    reverse: bool, batch_sizes: Tensor | None, grad_output: Tensor, grad_h_n: Tensor,
+    grad_c_n: Tensor, *inputs: Tensor | None,
+) -> tuple[Tensor | None, ...]:
+    """What ``_lstm_backward`` returns for one layer, in the reference's differentiable ops.
+
+    inputs: _LayerInputs. Returns (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh,
+    grad_bias or None, grad_w_hr or None): one bias gradient, as the op's, serves b_ih and b_hh,
+    which enter the gates as one sum.
+    """
+    from lstm_ext import reference
+
+    def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        return reference.lstm_layer(
+            input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, w_hr=w_hr,
+            batch_sizes=batch_sizes,
+        )
+
+    g = _vjp(layer, inputs, (grad_output, grad_h_n, grad_c_n))
+    return g[0], g[1], g[2], g[3], g[4], g[5], g[7]
+
+
+def _reference_cell_gradients(
+    grad_h: Tensor, grad_c: Tensor, *inputs: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """What ``_lstm_cell_backward`` returns, in the reference's differentiable ops.
+
+    inputs: _CellInputs. Returns (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias
+    or None).
+    """
+    from lstm_ext import reference
+
+    def cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        return reference.lstm_cell(input, (hx, cx), w_ih, w_hh, b_ih, b_hh)
+
+    g = _vjp(cell, inputs, (grad_h, grad_c))
+    return g[0], g[1], g[2], g[3], g[4], g[5]
+
+
+class _LstmLayerBackward(torch.autograd.Function):
+    """``_lstm_backward`` as a differentiable function of the incoming gradients and the inputs.
+
+    forward runs the fused op; backward (the double backward of the layer) differentiates
+    :func:`_reference_layer_gradients`.
+    Arguments: (grad_output, grad_h_n, grad_c_n, *_LayerInputs, batch_sizes, output, saved_gates,
+    saved_cells, saved_hidden, reverse); returns the op's seven gradients.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+        batch_sizes, output, saved_gates, saved_cells, saved_hidden, reverse,
+    ):
+        return torch.ops.lstm_ext._lstm_backward.default(
+            grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, output, saved_gates,
+            saved_cells, reverse, w_hr, batch_sizes, saved_hidden if w_hr is not None else None,
+        )
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.save_for_backward(*inputs[:12])
+        ctx.reverse = inputs[16]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: Tensor | None) -> tuple:
+        *arguments, batch_sizes = ctx.saved_tensors
+        if all(ct is None for ct in cotangents):
+            return (None,) * 17
+
+        def first_order(*args):
+            return _reference_layer_gradients(ctx.reverse, batch_sizes, *args)
+
+        grads = _vjp(first_order, tuple(arguments), cotangents)
+        return (*grads, None, None, None, None, None, None)
+
+
+class _LstmCellBackward(torch.autograd.Function):
+    """``_lstm_cell_backward`` as a differentiable function (see :class:`_LstmLayerBackward`).
+
+    Arguments: (grad_h, grad_c, *_CellInputs, c, saved_gates); returns the op's six gradients.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, c, saved_gates):
+        return torch.ops.lstm_ext._lstm_cell_backward.default(
+            grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved_gates
+        )
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.save_for_backward(*inputs[:9])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: Tensor | None) -> tuple:
+        if all(ct is None for ct in cotangents):
+            return (None,) * 11
+        grads = _vjp(_reference_cell_gradients, tuple(ctx.saved_tensors), cotangents)
+        return (*grads, None, None)
+
+
+def _save_layer(
+    ctx: Any, inputs: _LayerInputs, batch_sizes: Tensor | None, reverse: bool, output: tuple
+) -> None:
+    out, _h_n, _c_n, saved_gates, saved_cells, saved_hidden = output
+    ctx.save_for_backward(*inputs, batch_sizes, out, saved_gates, saved_cells, saved_hidden)
+    ctx.reverse = reverse
+    ctx.mark_non_differentiable(saved_gates, saved_cells, saved_hidden)
+    # Otherwise autograd would allocate zero gradients for the saved buffers too ([T, N, 4H]).
+    ctx.set_materialize_grads(False)
+
+
+def _layer_gradients(
+    ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """The gradients of one layer for what :func:`_save_layer` saved: _LayerInputs' order, b_ih and
+    b_hh each with the one bias gradient."""
+    *inputs, batch_sizes, out, saved_gates, saved_cells, saved_hidden = ctx.saved_tensors
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs
     if saved_gates.numel() == 0 and out.numel() > 0:
         # Called with training=False (nothing saved) yet differentiated: recompute what backward
         # needs rather than fail. The functional layer passes training=True whenever a gradient
@@ -182,60 +329,138 @@ def _lstm_forward_backward(
             out, _, _, saved_gates, saved_cells, saved_hidden = lstm_forward(
                 input, h0, c0, w_ih, w_hh, b_ih, b_hh, ctx.reverse, True, w_hr, batch_sizes
             )
-    grad_output = _zeros_if_none(grad_output, out)
-    grad_h_n = _zeros_if_none(grad_h_n, h0)
-    grad_c_n = _zeros_if_none(grad_c_n, c0)
-    grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = (
-        torch.ops.lstm_ext._lstm_backward.default(
-            grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, out, saved_gates,
-            saved_cells, ctx.reverse, w_hr, batch_sizes,
-            saved_hidden if w_hr is not None else None,
-        )
+    arguments = (
+        _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, h0),
+        _zeros_if_none(grad_c_n, c0), *inputs, batch_sizes, out, saved_gates, saved_cells,
+        saved_hidden, ctx.reverse,
     )
+    # Only a backward that builds a graph (create_graph=True, or any torch.func transform, which
+    # always does) needs the differentiable wrapper; a plain backward calls the op.
+    if torch.is_grad_enabled():
+        grads = _LstmLayerBackward.apply(*arguments)
+    else:
+        grads = _LstmLayerBackward.forward(*arguments)
+    grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
     grad_b = grad_bias if b_ih is not None else None
     grad_w_hr = grad_w_hr if w_hr is not None else None
-    return (
-        grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b, None, None, grad_w_hr,
-        None,
-    )
+    return grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b, grad_w_hr
 
 
-def _lstm_cell_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    input, hx, cx, w_ih, w_hh, b_ih, b_hh, _training = inputs
+def _save_cell(ctx: Any, inputs: _CellInputs, output: tuple) -> None:
     _h, c, saved_gates = output
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, c, saved_gates)
+    ctx.save_for_backward(*inputs, c, saved_gates)
     ctx.mark_non_differentiable(saved_gates)
     ctx.set_materialize_grads(False)
 
 
-def _lstm_cell_forward_backward(
-    ctx: Any, grad_h: Tensor | None, grad_c: Tensor | None, *_saved: Tensor | None
-) -> tuple:
-    input, hx, cx, w_ih, w_hh, b_ih, b_hh, c, saved_gates = ctx.saved_tensors
+def _cell_gradients(
+    ctx: Any, grad_h: Tensor | None, grad_c: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """The gradients of one step for what :func:`_save_cell` saved, in _CellInputs' order."""
+    *inputs, c, saved_gates = ctx.saved_tensors
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs
     if saved_gates.numel() == 0 and c.numel() > 0:
-        # Called with training=False: recompute the activations (see _lstm_forward_backward).
+        # Called with training=False: recompute the activations (see _layer_gradients).
         with torch.no_grad():
             _, c, saved_gates = lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, True)
-    grad_h = _zeros_if_none(grad_h, hx)
-    grad_c = _zeros_if_none(grad_c, cx)
-    grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias = (
-        torch.ops.lstm_ext._lstm_cell_backward.default(
-            grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved_gates
-        )
-    )
+    arguments = (_zeros_if_none(grad_h, hx), _zeros_if_none(grad_c, cx), *inputs, c, saved_gates)
+    if torch.is_grad_enabled():
+        grads = _LstmCellBackward.apply(*arguments)
+    else:
+        grads = _LstmCellBackward.forward(*arguments)
+    grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias = grads
     grad_b = grad_bias if b_ih is not None else None
-    return grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b, grad_b, None
+    return grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b, grad_b
+
+
+class LstmLayerFunction(torch.autograd.Function):
+    """One layer in one direction (``lstm_forward`` with training=True) as an autograd.Function.
+
+    ``LstmLayerFunction.apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+    reverse)`` returns ``lstm_forward``'s six outputs. Differentiable to any order; works under
+    torch.func's grad, vjp, jacrev and vmap (through the ops' vmap rules).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+        return lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, True, w_hr, batch_sizes)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        *layer_inputs, batch_sizes, reverse = inputs
+        _save_layer(ctx, tuple(layer_inputs), batch_sizes, reverse, output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output, grad_h_n, grad_c_n, *_saved) -> tuple:
+        return (*_layer_gradients(ctx, grad_output, grad_h_n, grad_c_n), None, None)
+
+
+class LstmCellFunction(torch.autograd.Function):
+    """One step (``lstm_cell_forward`` with training=True) as an autograd.Function.
+
+    ``LstmCellFunction.apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh)`` returns (h, c,
+    saved_gates); see :class:`LstmLayerFunction`.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        return lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, True)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        _save_cell(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_h, grad_c, *_saved) -> tuple:
+        return _cell_gradients(ctx, grad_h, grad_c)
+
+
+# The forward ops' own autograd (torch.library), for direct callers of torch.ops.lstm_ext.
+
+
+def _lstm_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, _training, *rest = inputs
+    w_hr, batch_sizes = (list(rest) + [None, None])[:2]
+    _save_layer(ctx, (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), batch_sizes, reverse, output)
+
+
+def _lstm_forward_backward(ctx: Any, grad_output, grad_h_n, grad_c_n, *_saved) -> tuple:
+    grads = _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n)
+    grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr = grads
+    # In the op's argument order: ..., b_ih, b_hh, reverse, training, w_hr, batch_sizes.
+    return (
+        grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None,
+        grad_w_hr, None,
+    )
+
+
+def _lstm_cell_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    _save_cell(ctx, inputs[:7], output)
+
+
+def _lstm_cell_forward_backward(ctx: Any, grad_h, grad_c, *_saved) -> tuple:
+    return (*_cell_gradients(ctx, grad_h, grad_c), None)
 
 
 def _no_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     pass
 
 
-def _refuse_double_backward(ctx: Any, *grads: Tensor) -> tuple:
-    raise RuntimeError(
-        "lstm_ext: double backward (the gradient of a gradient through lstm_ext's LSTM) is not "
-        "supported. Use torch.nn.LSTM's native path for higher-order gradients."
-    )
+def _refuse_raw_backward_differentiation(op_name: str) -> Callable:
+    def refuse(ctx: Any, *grads: Tensor) -> tuple:
+        raise RuntimeError(
+            f"lstm_ext: differentiating the private operator lstm_ext::{op_name} directly is not "
+            "supported (its saved inputs are outputs of the forward op). Differentiate the "
+            "forward instead: gradients of gradients through lstm_ext.LSTM / LSTMCell, "
+            "lstm_ext.functional and torch.ops.lstm_ext.lstm_forward / lstm_cell_forward work "
+            "to any order."
+        )
+
+    return refuse
 
 
 torch.library.register_autograd(
@@ -247,8 +472,13 @@ torch.library.register_autograd(
     setup_context=_lstm_cell_forward_setup_context,
 )
 torch.library.register_autograd(
-    "lstm_ext::_lstm_backward", _refuse_double_backward, setup_context=_no_context
+    "lstm_ext::_lstm_backward",
+    _refuse_raw_backward_differentiation("_lstm_backward"),
+    setup_context=_no_context,
 )
 torch.library.register_autograd(
-    "lstm_ext::_lstm_cell_backward", _refuse_double_backward, setup_context=_no_context
+    "lstm_ext::_lstm_cell_backward",
+    _refuse_raw_backward_differentiation("_lstm_cell_backward"),
+    setup_context=_no_context,
 )
+

@@ -143,16 +143,25 @@ def test_every_op_has_a_cpu_kernel_and_a_fake():
         ), name
 
 
-def test_double_backward_is_refused_clearly():
-    lstm = lstm_ext.LSTM(3, 4).double()
-    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
-    (grad_x,) = torch.autograd.grad(lstm(x)[0].sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        grad_x.sum().backward()
-    cell = lstm_ext.LSTMCell(3, 4).double()
-    (grad_x,) = torch.autograd.grad(cell(x[0])[0].sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        grad_x.sum().backward()
+def test_differentiating_the_private_backward_ops_is_refused_clearly():
+    # Gradients of gradients go through the forward ops (tests/test_double_backward.py); the
+    # private backward ops take the forward's outputs as inputs, so differentiating one directly
+    # is refused, naming the op.
+    args = _layer_args(requires_grad=True)
+    out, h_n, c_n, gates, cells, _ = ops.lstm_forward(*args, reverse=False, training=True)
+    grads = (torch.ones_like(out), torch.zeros_like(h_n), torch.zeros_like(c_n))
+    grad_input = torch.ops.lstm_ext._lstm_backward(
+        *grads, *args[:5], out.detach(), gates, cells, False
+    )[0]
+    with pytest.raises(RuntimeError, match="lstm_ext::_lstm_backward directly"):
+        grad_input.sum().backward()
+    x, hx, cx, w_ih, w_hh = (a[0] if a is args[0] else a for a in args[:5])
+    h, c, gates = ops.lstm_cell_forward(x, hx, cx, w_ih, w_hh, None, None, True)
+    grad_input = torch.ops.lstm_ext._lstm_cell_backward(
+        torch.ones_like(h), torch.zeros_like(c), x, hx, cx, w_ih, w_hh, c.detach(), gates
+    )[0]
+    with pytest.raises(RuntimeError, match="lstm_ext::_lstm_cell_backward directly"):
+        grad_input.sum().backward()
 
 
 def test_backward_twice_with_retain_graph():

@@ -482,3 +482,93 @@ torch.library.register_autograd(
     setup_context=_no_context,
 )
 
+
+# ----------------------------------------------------------------------------------------------
+# vmap rules (torch.vmap, and through it torch.func.jacrev and per-sample gradients).
+#
+# A vmap over the batch of inputs and states with shared weights (the common case: a batch of
+# batches, jacrev over the input, per-sample forward passes) folds the vmapped dimension into the
+# op's batch dimension N: one fused call on [T, B*N, C]. Batched weights (an ensemble built with
+# torch.func.stack_module_state), packed input, and every backward op (whose weight gradients sum
+# over N, while vmap wants one per sample) run the op once per sample and stack the results.
+
+
+def _with_defaults(args: tuple, in_dims: tuple, count: int) -> tuple[list, list]:
+    # The dispatcher drops trailing arguments equal to their defaults (None).
+    return list(args) + [None] * (count - len(args)), list(in_dims) + [None] * (count - len(args))
+
+
+def _per_sample(op: Callable, batch_size: int, args: list, in_dims: list) -> tuple[tuple, tuple]:
+    results = []
+    for b in range(batch_size):
+        sample = [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
+        results.append(op(*sample))
+    stacked = tuple(torch.stack(outputs) for outputs in zip(*results))
+    return stacked, (0,) * len(stacked)
+
+
+def _fold(t: Tensor, bdim: int | None, axis: int, batch_size: int) -> Tensor:
+    """t's vmapped dimension (bdim; None: t is shared, so repeat it) merged into dimension axis."""
+    if bdim is None:
+        t = t.unsqueeze(axis).expand(*t.shape[:axis], batch_size, *t.shape[axis:])
+    else:
+        t = t.movedim(bdim, axis)
+    return t.flatten(axis, axis + 1)
+
+
+@torch.library.register_vmap("lstm_ext::lstm_forward")
+def _lstm_forward_vmap(info, in_dims, *args):
+    args, in_dims = _with_defaults(args, in_dims, 11)
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, w_hr, batch_sizes = args
+    weights_batched = any(in_dims[k] is not None for k in (3, 4, 5, 6, 9))
+    if weights_batched or batch_sizes is not None:
+        return _per_sample(torch.ops.lstm_ext.lstm_forward.default, info.batch_size, args, in_dims)
+    batch = info.batch_size
+    per_sample = h0.size(0) if in_dims[1] is None else h0.size(1 if in_dims[1] == 0 else 0)
+    outputs = torch.ops.lstm_ext.lstm_forward.default(
+        _fold(input, in_dims[0], 1, batch), _fold(h0, in_dims[1], 0, batch),
+        _fold(c0, in_dims[2], 0, batch), w_ih, w_hh, b_ih, b_hh, reverse, training, w_hr, None,
+    )
+    out, h_n, c_n, saved_gates, saved_cells, saved_hidden = outputs
+    split = (batch, per_sample)
+    # [T, B*N, ...] -> [T, B, N, ...] and [B*N, ...] -> [B, N, ...]: views, no copies. The saved
+    # tensors are empty ([0]) in inference: the same empty tensor for every sample.
+    saved = [t.unflatten(1, split) if t.numel() else t for t in (saved_gates, saved_cells,
+                                                                 saved_hidden)]
+    result = (out.unflatten(1, split), h_n.unflatten(0, split), c_n.unflatten(0, split), *saved)
+    dims = (1, 0, 0, *(1 if t.numel() else None for t in (saved_gates, saved_cells, saved_hidden)))
+    return result, dims
+
+
+@torch.library.register_vmap("lstm_ext::lstm_cell_forward")
+def _lstm_cell_forward_vmap(info, in_dims, *args):
+    args, in_dims = _with_defaults(args, in_dims, 8)
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, training = args
+    if any(in_dims[k] is not None for k in (3, 4, 5, 6)):
+        return _per_sample(
+            torch.ops.lstm_ext.lstm_cell_forward.default, info.batch_size, args, in_dims
+        )
+    batch = info.batch_size
+    per_sample = hx.size(0) if in_dims[1] is None else hx.size(1 if in_dims[1] == 0 else 0)
+    h, c, saved_gates = torch.ops.lstm_ext.lstm_cell_forward.default(
+        _fold(input, in_dims[0], 0, batch), _fold(hx, in_dims[1], 0, batch),
+        _fold(cx, in_dims[2], 0, batch), w_ih, w_hh, b_ih, b_hh, training,
+    )
+    split = (batch, per_sample)
+    gates = saved_gates.unflatten(0, split) if saved_gates.numel() else saved_gates
+    return (h.unflatten(0, split), c.unflatten(0, split), gates), (
+        0, 0, 0 if saved_gates.numel() else None
+    )
+
+
+@torch.library.register_vmap("lstm_ext::_lstm_backward")
+def _lstm_backward_vmap(info, in_dims, *args):
+    args, in_dims = _with_defaults(args, in_dims, 15)
+    return _per_sample(torch.ops.lstm_ext._lstm_backward.default, info.batch_size, args, in_dims)
+
+
+@torch.library.register_vmap("lstm_ext::_lstm_cell_backward")
+def _lstm_cell_backward_vmap(info, in_dims, *args):
+    return _per_sample(
+        torch.ops.lstm_ext._lstm_cell_backward.default, info.batch_size, list(args), list(in_dims)
+    )

@@ -30,6 +30,10 @@ def _gradient_penalty_grads(module, inputs: list[torch.Tensor], run) -> list[tor
     return list(torch.autograd.grad(penalty, wrt))
 
 
+def _config_id(config: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in config.items()) or "default"
+
+
 CONFIGS = [
     dict(num_layers=1),
     dict(num_layers=2, bidirectional=True),
@@ -40,7 +44,7 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_second_order_matches_torch(dtype, config, mode, with_state):
@@ -109,7 +113,8 @@ def _functional_lstm(module):
     names = [name for name, _ in module.named_parameters()]
 
     def f(x, h0, c0, *params):
-        out, (h_n, c_n) = torch.func.functional_call(module, dict(zip(names, params)), (x, (h0, c0)))
+        params_by_name = dict(zip(names, params))
+        out, (h_n, c_n) = torch.func.functional_call(module, params_by_name, (x, (h0, c0)))
         return out, h_n, c_n
 
     return f
@@ -118,7 +123,7 @@ def _functional_lstm(module):
 @pytest.mark.parametrize(
     "config",
     [dict(), dict(num_layers=2, bidirectional=True), dict(proj_size=2), dict(bias=False)],
-    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default",
+    ids=_config_id,
 )
 def test_gradgradcheck_lstm(config):
     lstm = lstm_ext.LSTM(2, 3, dtype=torch.float64, **config)

@@ -215,14 +215,3 @@ def test_functional_call_uses_the_substituted_parameters():
     grads_a = torch.autograd.grad(actual[0].sum(), list(replacement.values()))
     for a, e in zip(grads_a, grads_e):
         assert_close(a, e, torch.float64, "functional_call gradient")
-
-
-def test_functorch_transforms_are_refused_by_torch():
-    # Documented limitation: torch (2.13) builds the autograd of torch.library operators as an
-    # autograd.Function without setup_context, which functorch transforms (torch.func.grad,
-    # vmap, jacrev) refuse. torch.func.functional_call with ordinary autograd works (above).
-    lstm = lstm_ext.LSTM(3, 4).double()
-    params = {k: v.detach() for k, v in lstm.named_parameters()}
-    x = torch.randn(5, 2, 3, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="functorch transforms"):
-        torch.func.grad(lambda p: torch.func.functional_call(lstm, p, (x,))[0].sum())(params)

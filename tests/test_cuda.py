@@ -602,3 +602,57 @@ def test_cuda_autocast_lstm_cell_dtypes_match_torch(dtype):
     assert [t.dtype for t in actual] == [t.dtype for t in expected]
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.float(), e.float(), rtol=0.05, atol=0.05)
+
+
+@needs_gpu
+def test_double_backward_on_cuda_matches_torch_on_cpu():
+    # cuDNN's LSTM has no double backward, so torch's CPU native path is the comparison.
+    theirs = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours = lstm_ext.LSTM.from_torch(theirs).cuda()
+
+    def penalty_grads(module, device):
+        x = torch.randn(5, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        x = x.to(device).requires_grad_()
+        wrt = [x, *module.parameters()]
+        out, (h_n, c_n) = module(x)
+        first = torch.autograd.grad((out**2).sum() + c_n.sum(), wrt, create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in first), wrt)
+
+    for a, e in zip(penalty_grads(ours, "cuda"), penalty_grads(theirs, "cpu")):
+        _assert_close(a.cpu(), e, torch.float64, "second-order gradient on CUDA")
+
+
+@needs_gpu
+def test_gradgradcheck_on_cuda():
+    def make(*shape):
+        return torch.randn(*shape, dtype=torch.float64, device="cuda", requires_grad=True)
+
+    args = (make(3, 2, 2), make(2, 3), make(2, 3), make(12, 2), make(12, 3), make(12), make(12))
+
+    def f(*tensors):
+        out, h_n, c_n, *_ = torch.ops.lstm_ext.lstm_forward(*tensors, False, True)
+        return out, h_n, c_n
+
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@needs_gpu
+def test_vmap_and_per_sample_gradients_on_cuda_match_cpu(no_tf32):
+    cpu = lstm_ext.LSTM(3, 4, num_layers=2, dtype=torch.float64)
+    gpu = copy.deepcopy(cpu).cuda()
+    xs = torch.randn(4, 5, 2, 3, dtype=torch.float64)
+
+    def per_sample(module, samples):
+        params = {k: v.detach() for k, v in module.named_parameters()}
+
+        def loss(p, x):
+            return torch.func.functional_call(module, p, (x,))[0].pow(2).sum()
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, samples)
+
+    expected, actual = per_sample(cpu, xs), per_sample(gpu, xs.cuda())
+    for name in expected:
+        _assert_close(actual[name].cpu(), expected[name], torch.float64, f"per-sample {name}")
+    with torch.no_grad():
+        out = torch.func.vmap(lambda x: gpu(x)[0])(xs.cuda())
+        _assert_close(out.cpu(), torch.func.vmap(lambda x: cpu(x)[0])(xs), torch.float64, "vmap")

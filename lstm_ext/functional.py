@@ -160,7 +160,7 @@ def lstm(
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if projected else None
             if training:
-                out, h, c, _, _, _ = ops.LstmLayerFunction.apply(
+                out, h, c, _, _, _ = ops.apply_lstm_layer(
                     layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh, w_hr, batch_sizes,
                     direction == 1,
                 )
@@ -227,7 +227,7 @@ def lstm_cell(
                 f"{tensor.device} and {input.device}!"
             )
     if _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh):
-        h_new, c_new, _ = ops.LstmCellFunction.apply(input, h, c, w_ih, w_hh, b_ih, b_hh)
+        h_new, c_new, _ = ops.apply_lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
     else:
         h_new, c_new, _ = ops.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, False)
     return h_new, c_new

@@ -197,6 +197,60 @@ def _vjp(function: Callable, arguments: tuple, cotangents: tuple) -> list[Tensor
     return result
 
 
+def _jvp(function: Callable, arguments: tuple, tangents: tuple) -> list[Tensor | None]:
+    """The Jacobian-vector product of ``function(*arguments)`` with ``tangents`` (forward mode).
+
+    As :func:`_vjp`: None arguments are held fixed, a None tangent counts as zero, and a None
+    entry of function's output gets a None tangent. Computed as the transpose of the
+    vector-Jacobian product (``u -> J^T u`` is linear; its own vjp with v is ``J v``), not with
+    torch.func.jvp: forward mode cannot nest inside torch.autograd.forward_ad's dual level, from
+    which this is called, while reverse mode nests anywhere.
+    """
+    present = [k for k, value in enumerate(arguments) if value is not None]
+    exists: list[bool] = []
+
+    def on_present(*values: Tensor) -> tuple[Tensor, ...]:
+        full = list(arguments)
+        for k, value in zip(present, values):
+            full[k] = value
+        outputs = function(*full)
+        exists[:] = [out is not None for out in outputs]
+        return tuple(out for out in outputs if out is not None)
+
+    primals = tuple(arguments[k] for k in present)
+    outputs, vjp_fn = torch.func.vjp(on_present, *primals)
+    _, transposed_vjp = torch.func.vjp(
+        lambda *u: vjp_fn(u), *(torch.zeros_like(out) for out in outputs)
+    )
+    filled = tuple(_zeros_if_none(tangents[k], arguments[k]) for k in present)
+    output_tangents = transposed_vjp(filled)
+    result: list[Tensor | None] = []
+    remaining = iter(output_tangents)
+    for keep in exists:
+        result.append(next(remaining) if keep else None)
+    return result
+
+
+def _reference_layer(reverse: bool, batch_sizes: Tensor | None) -> Callable:
+    """One layer in the reference's ops: a function of _LayerInputs giving (output, h_n, c_n)."""
+    from lstm_ext import reference
+
+    def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        return reference.lstm_layer(
+            input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, w_hr=w_hr,
+            batch_sizes=batch_sizes,
+        )
+
+    return layer
+
+
+def _reference_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> tuple[Tensor, Tensor]:
+    """One step in the reference's ops, a function of _CellInputs."""
+    from lstm_ext import reference
+
+    return reference.lstm_cell(input, (hx, cx), w_ih, w_hh, b_ih, b_hh)
+
+
 def _reference_layer_gradients(
     reverse: bool, batch_sizes: Tensor | None, grad_output: Tensor, grad_h_n: Tensor,
     grad_c_n: Tensor, *inputs: Tensor | None,
@@ -207,14 +261,7 @@ def _reference_layer_gradients(
     grad_bias or None, grad_w_hr or None): one bias gradient, as the op's, serves b_ih and b_hh,
     which enter the gates as one sum.
     """
-    from lstm_ext import reference
-
-    def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-        return reference.lstm_layer(
-            input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, w_hr=w_hr,
-            batch_sizes=batch_sizes,
-        )
-
+    layer = _reference_layer(reverse, batch_sizes)
     g = _vjp(layer, inputs, (grad_output, grad_h_n, grad_c_n))
     return g[0], g[1], g[2], g[3], g[4], g[5], g[7]
 
@@ -227,13 +274,18 @@ def _reference_cell_gradients(
     inputs: _CellInputs. Returns (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias
     or None).
     """
-    from lstm_ext import reference
-
-    def cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
-        return reference.lstm_cell(input, (hx, cx), w_ih, w_hh, b_ih, b_hh)
-
-    g = _vjp(cell, inputs, (grad_h, grad_c))
+    g = _vjp(_reference_cell, inputs, (grad_h, grad_c))
     return g[0], g[1], g[2], g[3], g[4], g[5]
+
+
+def _save_for_both_modes(ctx: Any, *tensors: Tensor | None) -> None:
+    """Saves tensors for backward (reverse mode) and for jvp (forward mode) alike.
+
+    The same list for both: torch.func's generated vmap rule tracks the batch dimensions of one
+    list of saved tensors per Function, so two different lists would be confused under vmap.
+    """
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
 
 
 class _LstmLayerBackward(torch.autograd.Function):
@@ -259,9 +311,29 @@ class _LstmLayerBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        ctx.save_for_backward(*inputs[:12])
+        _save_for_both_modes(ctx, *inputs[:12])
         ctx.reverse = inputs[16]
         ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
+        # Forward mode over the backward (torch.func.hessian is jacfwd(jacrev)).
+        *arguments, batch_sizes = ctx.saved_tensors
+
+        def first_order(*args):
+            return _reference_layer_gradients(ctx.reverse, batch_sizes, *args)
+
+        grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = _jvp(
+            first_order, tuple(arguments), tangents[:11]
+        )
+        # The op returns a bias gradient and an empty grad_w_hr even without biases and w_hr;
+        # their tangents must be tensors too (torch rejects None for a differentiable output).
+        w_hh = arguments[7]
+        if grad_bias is None:
+            grad_bias = w_hh.new_zeros(w_hh.shape[0])
+        if grad_w_hr is None:
+            grad_w_hr = w_hh.new_zeros(0)
+        return grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
 
     @staticmethod
     def backward(ctx: Any, *cotangents: Tensor | None) -> tuple:
@@ -292,8 +364,16 @@ class _LstmCellBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        ctx.save_for_backward(*inputs[:9])
+        _save_for_both_modes(ctx, *inputs[:9])
         ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
+        *grads, grad_bias = _jvp(_reference_cell_gradients, tuple(ctx.saved_tensors), tangents[:9])
+        if grad_bias is None:  # see _LstmLayerBackward.jvp
+            w_hh = ctx.saved_tensors[6]
+            grad_bias = w_hh.new_zeros(w_hh.shape[0])
+        return (*grads, grad_bias)
 
     @staticmethod
     def backward(ctx: Any, *cotangents: Tensor | None) -> tuple:
@@ -307,7 +387,7 @@ def _save_layer(
     ctx: Any, inputs: _LayerInputs, batch_sizes: Tensor | None, reverse: bool, output: tuple
 ) -> None:
     out, _h_n, _c_n, saved_gates, saved_cells, saved_hidden = output
-    ctx.save_for_backward(*inputs, batch_sizes, out, saved_gates, saved_cells, saved_hidden)
+    _save_for_both_modes(ctx, *inputs, batch_sizes, out, saved_gates, saved_cells, saved_hidden)
     ctx.reverse = reverse
     ctx.mark_non_differentiable(saved_gates, saved_cells, saved_hidden)
     # Otherwise autograd would allocate zero gradients for the saved buffers too ([T, N, 4H]).
@@ -337,7 +417,8 @@ def _layer_gradients(
     # Only a backward that builds a graph (create_graph=True, or any torch.func transform, which
     # always does) needs the differentiable wrapper; a plain backward calls the op.
     if torch.is_grad_enabled():
-        grads = _LstmLayerBackward.apply(*arguments)
+        compiling = torch.compiler.is_compiling()
+        grads = (_CompiledLstmLayerBackward if compiling else _LstmLayerBackward).apply(*arguments)
     else:
         grads = _LstmLayerBackward.forward(*arguments)
     grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
@@ -348,7 +429,7 @@ def _layer_gradients(
 
 def _save_cell(ctx: Any, inputs: _CellInputs, output: tuple) -> None:
     _h, c, saved_gates = output
-    ctx.save_for_backward(*inputs, c, saved_gates)
+    _save_for_both_modes(ctx, *inputs, c, saved_gates)
     ctx.mark_non_differentiable(saved_gates)
     ctx.set_materialize_grads(False)
 
@@ -365,7 +446,8 @@ def _cell_gradients(
             _, c, saved_gates = lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, True)
     arguments = (_zeros_if_none(grad_h, hx), _zeros_if_none(grad_c, cx), *inputs, c, saved_gates)
     if torch.is_grad_enabled():
-        grads = _LstmCellBackward.apply(*arguments)
+        compiling = torch.compiler.is_compiling()
+        grads = (_CompiledLstmCellBackward if compiling else _LstmCellBackward).apply(*arguments)
     else:
         grads = _LstmCellBackward.forward(*arguments)
     grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias = grads
@@ -396,6 +478,15 @@ class LstmLayerFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output, grad_h_n, grad_c_n, *_saved) -> tuple:
         return (*_layer_gradients(ctx, grad_output, grad_h_n, grad_c_n), None, None)
 
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
+        # Forward mode (torch.func.jvp, jacfwd) through the reference math: the fused kernels have
+        # no tangent pass. The saved buffers are not differentiable: no tangent.
+        *inputs, batch_sizes = ctx.saved_tensors[:9]  # see _save_layer
+        layer = _reference_layer(ctx.reverse, batch_sizes)
+        out, h_n, c_n = _jvp(layer, tuple(inputs), tangents[:8])
+        return out, h_n, c_n, None, None, None
+
 
 class LstmCellFunction(torch.autograd.Function):
     """One step (``lstm_cell_forward`` with training=True) as an autograd.Function.
@@ -417,6 +508,56 @@ class LstmCellFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_h, grad_c, *_saved) -> tuple:
         return _cell_gradients(ctx, grad_h, grad_c)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
+        h, c = _jvp(_reference_cell, tuple(ctx.saved_tensors[:7]), tangents)  # see _save_cell
+        return h, c, None
+
+
+class _NoForwardMode:
+    """Mixin: the Function without its jvp, for torch.compile.
+
+    Dynamo refuses to trace an autograd.Function that defines jvp (and a compiled graph has no
+    forward-mode AD anyway), so under torch.compile the Functions above run in this form.
+    """
+
+    jvp = staticmethod(torch.autograd.Function.jvp)
+
+
+class _CompiledLstmLayerBackward(_NoForwardMode, _LstmLayerBackward):
+    pass
+
+
+class _CompiledLstmCellBackward(_NoForwardMode, _LstmCellBackward):
+    pass
+
+
+class _CompiledLstmLayerFunction(_NoForwardMode, LstmLayerFunction):
+    pass
+
+
+class _CompiledLstmCellFunction(_NoForwardMode, LstmCellFunction):
+    pass
+
+
+def apply_lstm_layer(
+    input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, w_hr: Tensor | None, batch_sizes: Tensor | None, reverse: bool,
+) -> tuple[Tensor, ...]:
+    """:class:`LstmLayerFunction` applied (its jvp-less twin under torch.compile)."""
+    compiling = torch.compiler.is_compiling()
+    function = _CompiledLstmLayerFunction if compiling else LstmLayerFunction
+    return function.apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+
+
+def apply_lstm_cell(
+    input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """:class:`LstmCellFunction` applied (its jvp-less twin under torch.compile)."""
+    function = _CompiledLstmCellFunction if torch.compiler.is_compiling() else LstmCellFunction
+    return function.apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
 
 # The forward ops' own autograd (torch.library), for direct callers of torch.ops.lstm_ext.

@@ -276,3 +276,62 @@ def test_float32_vmap_matches_unbatched_calls():
         actual = vmap(lambda x: lstm(x)[0])(samples)
         expected = torch.stack([lstm(x)[0] for x in samples])
     assert_close(actual, expected, torch.float32, "float32 vmap")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(c) or "default")
+def test_forward_mode_jvp_and_jacfwd_match_torch(config):
+    theirs, ours = paired_lstms(D, input_size=2, hidden_size=3, **config)
+    x = torch.randn(3, 2, 2, dtype=D)
+    tangent = torch.randn_like(x)
+    (out, h_n, c_n), tangents = torch.func.jvp(lambda a: _flat(ours(a)), (x,), (tangent,))
+    expected_out, expected_tangents = torch.autograd.functional.jvp(
+        lambda a: _flat(theirs(a)), x, tangent
+    )
+    for a, e in zip((out, h_n, c_n, *tangents), (*expected_out, *expected_tangents)):
+        assert_close(a, e, D, "torch.func.jvp")
+    jac = torch.func.jacfwd(lambda a: ours(a)[1][1])(x)
+    assert_close(jac, torch.autograd.functional.jacobian(lambda a: theirs(a)[1][1], x), D, "jacfwd")
+
+
+def test_dual_tensors_of_torch_autograd_forward_ad():
+    import torch.autograd.forward_ad as fwAD
+
+    theirs, ours = paired_lstms(D, input_size=2, hidden_size=3, num_layers=2)
+    x, tangent = torch.randn(3, 2, 2, dtype=D), torch.randn(3, 2, 2, dtype=D)
+    results = []
+    for module in (ours, theirs):
+        with fwAD.dual_level():
+            out, (h_n, _) = module(fwAD.make_dual(x, tangent))
+            results.append([fwAD.unpack_dual(t).tangent for t in (out, h_n)])
+    for a, e in zip(*results):
+        assert_close(a, e, D, "forward-mode tangent")
+
+
+def test_hessian_matches_torch():
+    # torch.func.hessian is jacfwd(jacrev): forward mode over the differentiable backward.
+    theirs, ours = paired_lstms(D, input_size=2, hidden_size=3, bidirectional=True)
+    x = torch.randn(3, 2, 2, dtype=D)
+
+    def loss(module):
+        return lambda a: (module(a)[0] ** 2).sum()
+
+    expected = torch.autograd.functional.hessian(loss(theirs), x)
+    assert_close(torch.func.hessian(loss(ours))(x), expected, D, "hessian")
+    assert_close(jacrev(jacrev(loss(ours)))(x), expected, D, "jacrev(jacrev)")
+
+
+def test_lstm_cell_forward_mode_and_hessian_match_torch():
+    theirs = torch.nn.LSTMCell(2, 3, dtype=D)
+    ours = lstm_ext.LSTMCell.from_torch(theirs)
+    x = torch.randn(2, 2, dtype=D)
+    tangent = torch.randn_like(x)
+    _, actual = torch.func.jvp(lambda a: ours(a), (x,), (tangent,))
+    _, expected = torch.autograd.functional.jvp(lambda a: theirs(a), x, tangent)
+    for a, e in zip(actual, expected):
+        assert_close(a, e, D, "LSTMCell jvp")
+
+    def loss(module):
+        return lambda a: module(a)[1].pow(2).sum()
+
+    expected = torch.autograd.functional.hessian(loss(theirs), x)
+    assert_close(torch.func.hessian(loss(ours))(x), expected, D, "LSTMCell hessian")

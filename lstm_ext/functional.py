@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lstm_ext import onnx as lstm_onnx
 from lstm_ext import ops
 
 __all__ = ["autocast_cast", "autocast_dtype", "lstm", "lstm_cell"]
@@ -150,6 +151,8 @@ def lstm(
         x = input
 
     training = _needs_grad(input, h0, c0, *weights)
+    # torch.onnx.export: lstm_ext.onnx's stand-in writes each layer as an ONNX LSTM node.
+    lstm_forward = lstm_onnx.lstm_forward if lstm_onnx.in_onnx_export() else ops.lstm_forward
     layer_input = x
     h_n, c_n = [], []
     for layer in range(num_layers):
@@ -159,7 +162,7 @@ def lstm(
             w = weights[index * per_cell : (index + 1) * per_cell]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if projected else None
-            out, h, c, _, _, _ = ops.lstm_forward(
+            out, h, c, _, _, _ = lstm_forward(
                 layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh,
                 reverse=direction == 1, training=training, w_hr=w_hr, batch_sizes=batch_sizes,
             )
@@ -221,5 +224,9 @@ def lstm_cell(
                 f"{tensor.device} and {input.device}!"
             )
     training = _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh)
-    h_new, c_new, _ = ops.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, training)
+    # torch.onnx.export: lstm_ext.onnx's stand-in writes the step as an ONNX LSTM node.
+    cell_forward = (
+        lstm_onnx.lstm_cell_forward if lstm_onnx.in_onnx_export() else ops.lstm_cell_forward
+    )
+    h_new, c_new, _ = cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, training)
     return h_new, c_new

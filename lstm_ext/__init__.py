@@ -22,7 +22,7 @@ except ImportError as error:
         "against the torch you run with."
     ) from error
 
-from lstm_ext import functional, ops, reference
+from lstm_ext import functional, onnx, ops, reference
 from lstm_ext.modules import LSTM, LSTMCell
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "compiled_backends",
     "empty_cpu_cache",
     "functional",
+    "onnx",
     "ops",
     "reference",
 ]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lstm_ext import onnx as lstm_onnx
 from lstm_ext import ops
 
 __all__ = ["autocast_cast", "autocast_dtype", "lstm", "lstm_cell"]
@@ -150,6 +151,9 @@ def lstm(
         x = input
 
     training = _needs_grad(input, h0, c0, *weights)
+    # torch.onnx.export: lstm_ext.onnx's stand-in writes each layer as an ONNX LSTM node (an
+    # export computes no gradients, so no autograd Function is traced).
+    exporting = lstm_onnx.in_onnx_export()
     layer_input = x
     h_n, c_n = [], []
     for layer in range(num_layers):
@@ -159,7 +163,12 @@ def lstm(
             w = weights[index * per_cell : (index + 1) * per_cell]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if projected else None
-            if training:
+            if exporting:
+                out, h, c, _, _, _ = lstm_onnx.lstm_forward(
+                    layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh,
+                    reverse=direction == 1, training=False, w_hr=w_hr, batch_sizes=batch_sizes,
+                )
+            elif training:
                 out, h, c, _, _, _ = ops.apply_lstm_layer(
                     layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh, w_hr, batch_sizes,
                     direction == 1,
@@ -226,7 +235,10 @@ def lstm_cell(
                 "Expected all tensors to be on the same device, but found at least two devices, "
                 f"{tensor.device} and {input.device}!"
             )
-    if _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh):
+    if lstm_onnx.in_onnx_export():
+        # torch.onnx.export: lstm_ext.onnx's stand-in writes the step as an ONNX LSTM node.
+        h_new, c_new, _ = lstm_onnx.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, False)
+    elif _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh):
         h_new, c_new, _ = ops.apply_lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
     else:
         h_new, c_new, _ = ops.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, False)

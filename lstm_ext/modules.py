@@ -23,6 +23,7 @@ from torch.nn.modules.rnn import RNNBase, RNNCellBase
 from torch.nn.utils.rnn import PackedSequence
 
 from lstm_ext import functional
+from lstm_ext import onnx as lstm_onnx
 
 __all__ = ["LSTM", "LSTMCell"]
 
@@ -214,6 +215,7 @@ class LSTM(RNNBase):
     def _forward_packed(
         self, packed: PackedSequence, hx: tuple[Tensor, Tensor] | None
     ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]:
+        lstm_onnx.check_packed_input()  # torch.onnx.export: packing has no ONNX form here
         data, batch_sizes, sorted_indices, unsorted_indices = packed
         if hx is None:
             hx = self._zero_state(int(batch_sizes[0]), data)

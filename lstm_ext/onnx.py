@@ -1,0 +1,461 @@
+"""ONNX export of ``lstm_ext.LSTM`` and ``lstm_ext.LSTMCell`` as ONNX's own ``LSTM`` operator.
+
+``torch.onnx.export(model, args, f)`` works as it does for ``torch.nn.LSTM``, with either exporter:
+
+- The dynamo exporter (``dynamo=True``, the default): while ``torch.onnx.export`` traces the model,
+  :mod:`lstm_ext.functional` calls the stand-ins :func:`lstm_forward` and
+  :func:`lstm_cell_forward` below instead of the fused operators. They emit each layer and
+  direction as one standard ONNX ``LSTM`` node through :func:`torch.onnx.ops.symbolic_multi_out`,
+  torch's public way for Python code to place an ONNX operator in the exported graph, so no
+  ``custom_translation_table`` is needed and no ``lstm_ext`` node reaches the ONNX file.
+- A program that already holds the ``torch.ops.lstm_ext`` operators (an ``ExportedProgram`` made
+  with ``torch.export.export``, which runs the fused operators) needs their translations:
+  ``torch.onnx.export(program, f=..., custom_translation_table=custom_translation_table())``.
+- The TorchScript exporter (``dynamo=False``): ``import lstm_ext`` registers a symbolic function
+  for each forward operator with :func:`torch.onnx.register_custom_op_symbolic`.
+
+Every path writes the same graph: per layer and direction one ``LSTM`` node (``direction`` forward
+or reverse) whose weights are torch's with the gate blocks reordered from torch's (i, f, g, o) to
+ONNX's (i, o, f, c), and ``B = [b_ih, b_hh]``; the cell is an ``LSTM`` node over one time step.
+ONNX's ``LSTM`` has no projection and a ``PackedSequence`` does not survive tracing, so an LSTM
+with ``proj_size > 0`` and packed input raise a ``RuntimeError`` that names the feature.
+
+onnx, onnxscript and onnxruntime are optional: nothing here imports them until an export runs.
+
+``torch.onnx.export(..., verify=True)`` compares the ONNX model with the exported program run in
+PyTorch, where ``torch.onnx.ops.symbolic_multi_out`` computes zeros (it only marks the ONNX node),
+so its difference warnings mean nothing here: compare with the eager module instead.
+
+Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``D`` directions (1 per ONNX
+node here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lstm_ext import ops
+
+try:
+    # Part of torch (no onnx/onnxscript import): the dynamo exporter's "exporting" flag.
+    from torch.onnx._internal.exporter import _flags as _exporter_flags
+except ImportError:
+    _exporter_flags = None
+
+__all__ = [
+    "check_packed_input",
+    "custom_translation_table",
+    "in_onnx_export",
+    "lstm_cell_forward",
+    "lstm_forward",
+]
+
+# An onnx_ir.Value while the dynamo exporter traces a translation, a torch._C.Value in the
+# TorchScript exporter. The dynamo exporter reads the translations' annotations at run time
+# (typing.get_type_hints): Any makes a parameter an input of any type (absent if its default is
+# None), bool an attribute.
+_Value = Any
+
+_PROJECTIONS_ERROR = (
+    "lstm_ext ONNX export: proj_size > 0 (LSTM with projections) has no ONNX LSTM equivalent "
+    "(ONNX's LSTM has no projection weights); export an LSTM with proj_size=0."
+)
+_PACKED_ERROR = (
+    "lstm_ext ONNX export: PackedSequence input cannot be exported (the packing does not "
+    "survive tracing); pass the padded tensor [T, N, C] (or [N, T, C] with batch_first) instead."
+)
+
+
+def check_packed_input() -> None:
+    """Raises the packed-input error during torch.onnx.export; does nothing otherwise.
+
+    ``lstm_ext.LSTM`` calls it first thing for a ``PackedSequence``: the dynamo exporter's trace
+    would otherwise stop earlier, at the data-dependent ``batch_sizes``, with a less clear error.
+    """
+    if in_onnx_export():
+        raise RuntimeError(_PACKED_ERROR)
+
+
+def _check_exportable(w_hr: Any, batch_sizes: Any) -> None:
+    if w_hr is not None:
+        raise RuntimeError(_PROJECTIONS_ERROR)
+    if batch_sizes is not None:
+        raise RuntimeError(_PACKED_ERROR)
+
+
+def _dynamo_exporter_flag() -> bool:
+    # When torch.export's non-strict trace fails (as it does on the RuntimeErrors above), the
+    # dynamo exporter retries in strict mode, where Dynamo folds torch.onnx.is_in_onnx_export() to
+    # False: the retry would then trace the fused operators and fail to translate them, and the
+    # user would see that failure instead of ours. The exporter's own flag (private, hence the
+    # default) keeps the retry on the export path, so it fails the same way and torch.onnx.export
+    # reports the first error: ours.
+    return bool(getattr(_exporter_flags, "_is_onnx_exporting", False))
+
+
+def in_onnx_export() -> bool:
+    """Whether torch.onnx.export (either exporter) is tracing the model."""
+    return torch.onnx.is_in_onnx_export() or _dynamo_exporter_flag()
+
+
+def _traced_by_dynamo_exporter() -> bool:
+    # Both exporters set in_onnx_export(); only the dynamo exporter traces through torch.export,
+    # which is_exporting() tells. The TorchScript exporter traces the fused operators themselves
+    # and translates them with the symbolics registered below.
+    return in_onnx_export() and torch.compiler.is_exporting()
+
+
+# ----------------------------------------------------------------------------------------------
+# The stand-ins functional.py calls during torch.onnx.export.
+
+
+# ONNX's gate k is torch's gate _ONNX_GATE_BLOCKS[k]: (i, o, f, c) from (i, f, g, o).
+_ONNX_GATE_BLOCKS = (0, 3, 1, 2)
+
+
+def _onnx_gate_order(tensor: Tensor) -> Tensor:
+    """torch's gate blocks (i, f, g, o) along dim 0 -> ONNX's (i, o, f, c): ``[4H, ...]``."""
+    # Slices, not chunk(): the exporter's optimizer folds Slice on weights into new initializers,
+    # and leaves Split (what chunk() becomes) in the graph.
+    hidden = tensor.shape[0] // 4
+    blocks = [tensor[k * hidden : (k + 1) * hidden] for k in _ONNX_GATE_BLOCKS]
+    return torch.cat(blocks)
+
+
+def _symbolic_lstm(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One ONNX ``LSTM`` node: x ``[T, N, C]``, h0/c0 ``[N, H]`` -> (Y ``[T, 1, N, H]``,
+    Y_h ``[1, N, H]``, Y_c ``[1, N, H]``)."""
+    steps, batch = x.shape[0], x.shape[1]
+    hidden = w_hh.shape[1]
+    weights = [_onnx_gate_order(w_ih).unsqueeze(0), _onnx_gate_order(w_hh).unsqueeze(0)]
+    bias = None
+    if b_ih is not None and b_hh is not None:
+        bias = torch.cat([_onnx_gate_order(b_ih), _onnx_gate_order(b_hh)]).unsqueeze(0)
+    # Inputs X, W, R, B, sequence_lens (absent: every sequence runs all T steps), initial_h,
+    # initial_c.
+    y, y_h, y_c = torch.onnx.ops.symbolic_multi_out(
+        "LSTM",
+        [x, *weights, bias, None, h0.unsqueeze(0), c0.unsqueeze(0)],
+        {"hidden_size": hidden, "direction": "reverse" if reverse else "forward"},
+        dtypes=[x.dtype] * 3,
+        shapes=[[steps, 1, batch, hidden], [1, batch, hidden], [1, batch, hidden]],
+    )
+    return y, y_h, y_c
+
+
+def lstm_forward(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    reverse: bool = False,
+    training: bool = False,
+    w_hr: Tensor | None = None,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`lstm_ext.ops.lstm_forward` as torch.onnx.export traces it.
+
+    Same arguments and results (input ``[T, N, C]``, h0/c0 ``[N, H]`` -> output ``[T, N, H]``,
+    h_n, c_n ``[N, H]``, and three saved tensors, here always empty: an export computes no
+    gradients). Under the dynamo exporter the layer becomes one ONNX ``LSTM`` node; under the
+    TorchScript exporter the fused operator runs and its registered symbolic translates it.
+
+    Raises:
+        RuntimeError: for ``w_hr`` (projections) or ``batch_sizes`` (packed input), which ONNX's
+            ``LSTM`` cannot express.
+    """
+    _check_exportable(w_hr, batch_sizes)
+    if not _traced_by_dynamo_exporter():
+        return ops.lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training)
+    y, y_h, y_c = _symbolic_lstm(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    empty = input.new_empty(0)
+    return y.squeeze(1), y_h.squeeze(0), y_c.squeeze(0), empty, empty, empty
+
+
+def lstm_cell_forward(
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    training: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lstm_ext.ops.lstm_cell_forward` as torch.onnx.export traces it.
+
+    input ``[N, C]``, hx/cx ``[N, H]`` -> (h ``[N, H]``, c ``[N, H]``, an empty saved tensor).
+    Under the dynamo exporter the step is an ONNX ``LSTM`` node over a sequence of length 1.
+    """
+    if not _traced_by_dynamo_exporter():
+        return ops.lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training)
+    _, y_h, y_c = _symbolic_lstm(input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh, False)
+    return y_h.squeeze(0), y_c.squeeze(0), input.new_empty(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamo exporter: translations of the torch.ops.lstm_ext operators, for programs that hold them.
+
+
+def _translated_lstm(
+    op: Any,
+    input: _Value,
+    h0: _Value,
+    c0: _Value,
+    w_ih: _Value,
+    w_hh: _Value,
+    b_ih: _Value,
+    b_hh: _Value,
+    reverse: bool,
+) -> tuple[_Value, _Value, _Value]:
+    """The ONNX ``LSTM`` node of :func:`_symbolic_lstm`, written with onnxscript's ``op``."""
+    hidden = int(w_hh.shape[1])
+    axis0 = op.Constant(value_ints=[0])
+
+    def gate_order(value: _Value) -> _Value:
+        blocks = [
+            op.Slice(
+                value,
+                op.Constant(value_ints=[k * hidden]),
+                op.Constant(value_ints=[(k + 1) * hidden]),
+                axis0,
+            )
+            for k in _ONNX_GATE_BLOCKS
+        ]
+        return op.Concat(*blocks, axis=0)
+
+    weights = [op.Unsqueeze(gate_order(w), axis0) for w in (w_ih, w_hh)]
+    bias = None
+    if b_ih is not None and b_hh is not None:
+        bias = op.Unsqueeze(op.Concat(gate_order(b_ih), gate_order(b_hh), axis=0), axis0)
+    return op.LSTM(
+        input,
+        *weights,
+        bias,
+        None,
+        op.Unsqueeze(h0, axis0),
+        op.Unsqueeze(c0, axis0),
+        hidden_size=hidden,
+        direction="reverse" if reverse else "forward",
+    )
+
+
+def _empty_like(op: Any, value: _Value) -> _Value:
+    """A ``[0]`` tensor of value's dtype: a saved tensor, which no exported graph reads."""
+    return op.CastLike(op.ConstantOfShape(op.Constant(value_ints=[0])), value)
+
+
+def _translate_lstm_forward(
+    input: _Value,
+    h0: _Value,
+    c0: _Value,
+    w_ih: _Value,
+    w_hh: _Value,
+    b_ih: _Value = None,
+    b_hh: _Value = None,
+    reverse: bool = False,
+    training: bool = False,
+    w_hr: _Value = None,
+    batch_sizes: _Value = None,
+) -> tuple[_Value, ...]:
+    """ONNX for ``lstm_ext::lstm_forward``; the saved tensors come out empty whatever training."""
+    from onnxscript import opset18 as op
+
+    _check_exportable(w_hr, batch_sizes)
+    y, y_h, y_c = _translated_lstm(op, input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    axis0, axis1 = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
+    empty = _empty_like(op, input)
+    return op.Squeeze(y, axis1), op.Squeeze(y_h, axis0), op.Squeeze(y_c, axis0), empty, empty, empty
+
+
+def _translate_lstm_cell_forward(
+    input: _Value,
+    hx: _Value,
+    cx: _Value,
+    w_ih: _Value,
+    w_hh: _Value,
+    b_ih: _Value = None,
+    b_hh: _Value = None,
+    training: bool = False,
+) -> tuple[_Value, _Value, _Value]:
+    """ONNX for ``lstm_ext::lstm_cell_forward``: an ``LSTM`` node over one time step."""
+    from onnxscript import opset18 as op
+
+    axis0 = op.Constant(value_ints=[0])
+    x = op.Unsqueeze(input, axis0)
+    _, y_h, y_c = _translated_lstm(op, x, hx, cx, w_ih, w_hh, b_ih, b_hh, False)
+    return op.Squeeze(y_h, axis0), op.Squeeze(y_c, axis0), _empty_like(op, input)
+
+
+def custom_translation_table() -> dict[Callable, Callable]:
+    """Translations of lstm_ext's forward operators for the dynamo exporter.
+
+    ``torch.onnx.export`` of a model needs none of this (the model's export path emits ONNX
+    ``LSTM`` nodes itself). Pass it when the exported program already contains the
+    ``torch.ops.lstm_ext`` operators, e.g. one made with ``torch.export.export``::
+
+        program = torch.export.export(model.eval(), (x,))
+        torch.onnx.export(program, f="model.onnx",
+                          custom_translation_table=lstm_ext.onnx.custom_translation_table())
+
+    Returns:
+        ``{torch.ops.lstm_ext.lstm_forward.default: ..., torch.ops.lstm_ext.lstm_cell_forward
+        .default: ...}``, the values onnxscript-traced functions (onnxscript must be installed
+        when the export runs).
+    """
+    return {
+        torch.ops.lstm_ext.lstm_forward.default: _translate_lstm_forward,
+        torch.ops.lstm_ext.lstm_cell_forward.default: _translate_lstm_cell_forward,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# TorchScript exporter: symbolic functions of the forward operators.
+
+
+def _ts_absent(g: Any) -> _Value:
+    """An omitted optional input of an ONNX node."""
+    node = g.op("prim::Constant")
+    node.setType(torch._C.OptionalType.ofTensor())
+    return node
+
+
+def _ts_is_none(value: _Value) -> bool:
+    return value is None or value.node().mustBeNone()
+
+
+def _ts_constant(value: _Value) -> bool:
+    node = value.node()
+    # A traced bool argument arrives as a prim::Constant, or as the onnx::Constant (a one-element
+    # tensor) the exporter has already turned it into.
+    if node.kind() not in ("prim::Constant", "onnx::Constant"):
+        raise RuntimeError("lstm_ext ONNX export: lstm_forward's reverse must be a constant")
+    # node.i("value") for a prim::Constant, node.t("value") for an onnx::Constant.
+    return bool(getattr(node, node.kindOf("value"))("value"))
+
+
+def _ts_axes(g: Any, op_type: str, value: _Value, axis: int) -> _Value:
+    # Squeeze and Unsqueeze take their axes as an input from opset 13, as an attribute before.
+    if g.opset >= 13:
+        return g.op(op_type, value, g.op("Constant", value_t=torch.tensor([axis])))
+    return g.op(op_type, value, axes_i=[axis])
+
+
+def _ts_lstm(
+    g: Any,
+    input: _Value,
+    h0: _Value,
+    c0: _Value,
+    w_ih: _Value,
+    w_hh: _Value,
+    b_ih: _Value,
+    b_hh: _Value,
+    reverse: bool,
+) -> tuple[_Value, _Value, _Value]:
+    """The ONNX ``LSTM`` node of :func:`_symbolic_lstm` in a TorchScript graph."""
+    sizes = w_hh.type().sizes() if w_hh.type().isSubtypeOf(torch._C.TensorType.get()) else None
+    if not sizes:
+        raise RuntimeError(
+            "lstm_ext ONNX export: the shape of w_hh [4H, H] must be known to export the LSTM"
+        )
+    hidden = sizes[1]
+    blocks = [torch.arange(k * hidden, (k + 1) * hidden) for k in _ONNX_GATE_BLOCKS]
+    order = g.op("Constant", value_t=torch.cat(blocks))
+
+    def gate_order(value: _Value) -> _Value:
+        return g.op("Gather", value, order, axis_i=0)
+
+    weights = [_ts_axes(g, "Unsqueeze", gate_order(w), 0) for w in (w_ih, w_hh)]
+    bias = _ts_absent(g)
+    if not _ts_is_none(b_ih) and not _ts_is_none(b_hh):
+        bias = _ts_axes(
+            g, "Unsqueeze", g.op("Concat", gate_order(b_ih), gate_order(b_hh), axis_i=0), 0
+        )
+    return g.op(
+        "LSTM",
+        input,
+        *weights,
+        bias,
+        _ts_absent(g),
+        _ts_axes(g, "Unsqueeze", h0, 0),
+        _ts_axes(g, "Unsqueeze", c0, 0),
+        hidden_size_i=hidden,
+        direction_s="reverse" if reverse else "forward",
+        outputs=3,
+    )
+
+
+def _ts_empty(g: Any) -> _Value:
+    return g.op("Constant", value_t=torch.empty(0))
+
+
+def _symbolic_lstm_forward(
+    g: Any,
+    input: _Value,
+    h0: _Value,
+    c0: _Value,
+    w_ih: _Value,
+    w_hh: _Value,
+    b_ih: _Value,
+    b_hh: _Value,
+    reverse: _Value,
+    training: _Value,
+    w_hr: _Value = None,
+    batch_sizes: _Value = None,
+) -> tuple[_Value, ...]:
+    _check_exportable(
+        None if _ts_is_none(w_hr) else w_hr, None if _ts_is_none(batch_sizes) else batch_sizes
+    )
+    y, y_h, y_c = _ts_lstm(g, input, h0, c0, w_ih, w_hh, b_ih, b_hh, _ts_constant(reverse))
+    return (
+        _ts_axes(g, "Squeeze", y, 1),
+        _ts_axes(g, "Squeeze", y_h, 0),
+        _ts_axes(g, "Squeeze", y_c, 0),
+        _ts_empty(g),
+        _ts_empty(g),
+        _ts_empty(g),
+    )
+
+
+def _symbolic_lstm_cell_forward(
+    g: Any,
+    input: _Value,
+    hx: _Value,
+    cx: _Value,
+    w_ih: _Value,
+    w_hh: _Value,
+    b_ih: _Value,
+    b_hh: _Value,
+    training: _Value,
+) -> tuple[_Value, _Value, _Value]:
+    x = _ts_axes(g, "Unsqueeze", input, 0)
+    _, y_h, y_c = _ts_lstm(g, x, hx, cx, w_ih, w_hh, b_ih, b_hh, False)
+    return _ts_axes(g, "Squeeze", y_h, 0), _ts_axes(g, "Squeeze", y_c, 0), _ts_empty(g)
+
+
+def _register_torchscript_symbolics() -> None:
+    # Opset 9 is the TorchScript exporter's base: the symbolics adapt to the target opset
+    # (_ts_axes), and ONNX's LSTM is unchanged in what they use since opset 7.
+    from torch.onnx import register_custom_op_symbolic
+
+    register_custom_op_symbolic("lstm_ext::lstm_forward", _symbolic_lstm_forward, 9)
+    register_custom_op_symbolic("lstm_ext::lstm_cell_forward", _symbolic_lstm_cell_forward, 9)
+
+
+_register_torchscript_symbolics()

@@ -1,0 +1,267 @@
+"""ONNX export of lstm_ext.LSTM / LSTMCell with both torch.onnx exporters, run in onnxruntime.
+
+Every exported graph must hold ONNX's own LSTM operator and no lstm_ext node, and compute what
+eager lstm_ext computes (float32). onnx, onnxscript and onnxruntime are optional dependencies:
+without them this file is skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import assert_close
+from torch.export import Dim
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import lstm_ext
+
+onnx = pytest.importorskip("onnx", reason="ONNX export tests need the optional package onnx")
+pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs the optional onnxscript")
+ort = pytest.importorskip(
+    "onnxruntime", reason="ONNX export tests run the exported model in the optional onnxruntime"
+)
+
+EXPORTERS = [pytest.param(True, id="dynamo"), pytest.param(False, id="torchscript")]
+STEPS, BATCH, FEATURES, HIDDEN = 5, 3, 6, 7
+
+
+def _export(model: torch.nn.Module, args: tuple, dynamo: bool, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter's deprecation warning, its tracer's warnings about the
+        # modules' shape checks, the dynamo exporter's notes: none is about lstm_ext's graph.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, buffer, dynamo=dynamo, verbose=False, **kwargs)
+    return buffer.getvalue()
+
+
+def _assert_standard_lstm_graph(model_bytes: bytes, lstm_nodes: int) -> None:
+    model = onnx.load_from_string(model_bytes)
+    nodes = list(model.graph.node)
+    assert [n.op_type for n in nodes].count("LSTM") == lstm_nodes
+    assert all(n.domain in ("", "ai.onnx") for n in nodes), [(n.op_type, n.domain) for n in nodes]
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+    assert not model.functions
+    onnx.checker.check_model(model)
+
+
+def _run_onnx(model_bytes: bytes, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert len(names) == len(inputs)
+    outputs = session.run(None, {name: t.numpy() for name, t in zip(names, inputs)})
+    return [torch.from_numpy(o) for o in outputs]
+
+
+def _assert_outputs(actual: list[torch.Tensor], expected: list[torch.Tensor], what: str) -> None:
+    assert len(actual) == len(expected)
+    for name, a, e in zip(("output", "h_n", "c_n"), actual, expected):
+        assert a.shape == e.shape, f"{what} {name}: {a.shape} vs {e.shape}"
+        assert_close(a, e.detach(), torch.float32, f"{what} {name}")
+
+
+def _lstm_inputs(
+    num_layers: int, bidirectional: bool, batch_first: bool, with_state: bool,
+    steps: int = STEPS, batch: int = BATCH,
+) -> tuple:
+    shape = (batch, steps, FEATURES) if batch_first else (steps, batch, FEATURES)
+    x = torch.randn(shape)
+    if not with_state:
+        return (x,)
+    states = (num_layers * (2 if bidirectional else 1), batch, HIDDEN)
+    return (x, (torch.randn(states), torch.randn(states)))
+
+
+def _flat(args: tuple) -> list[torch.Tensor]:
+    return [args[0], *args[1]] if len(args) > 1 else [args[0]]
+
+
+def _eager(model: torch.nn.Module, args: tuple) -> list[torch.Tensor]:
+    output, (h_n, c_n) = model(*args)
+    return [output, h_n, c_n]
+
+
+LSTM_CONFIGS = [
+    pytest.param(1, False, False, True, False, id="1layer"),
+    pytest.param(1, True, True, False, False, id="1layer-bidir-batch_first-nobias"),
+    pytest.param(2, False, True, False, True, id="2layers-batch_first-nobias-state"),
+    pytest.param(2, True, False, True, True, id="2layers-bidir-state"),
+]
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,bias,with_state", LSTM_CONFIGS)
+def test_lstm_export_matches_eager(dynamo, num_layers, bidirectional, batch_first, bias,
+                                   with_state):
+    model = lstm_ext.LSTM(
+        FEATURES, HIDDEN, num_layers=num_layers, bias=bias, batch_first=batch_first,
+        bidirectional=bidirectional, dropout=0.25 if num_layers > 1 else 0.0,
+    ).eval()  # eval: no dropout between layers, as for any export
+    args = _lstm_inputs(num_layers, bidirectional, batch_first, with_state)
+    model_bytes = _export(model, args, dynamo)
+    # One ONNX LSTM node per layer and direction.
+    _assert_standard_lstm_graph(model_bytes, num_layers * (2 if bidirectional else 1))
+    _assert_outputs(_run_onnx(model_bytes, _flat(args)), _eager(model, args), "LSTM")
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_torchscript_export_at_older_opsets(opset):
+    # Squeeze/Unsqueeze take their axes as an attribute before opset 13, as an input from 13.
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, num_layers=2, bidirectional=True).eval()
+    cell = lstm_ext.LSTMCell(FEATURES, HIDDEN).eval()
+    args = _lstm_inputs(2, True, False, True)
+    model_bytes = _export(model, args, False, opset_version=opset)
+    _assert_standard_lstm_graph(model_bytes, 4)
+    _assert_outputs(_run_onnx(model_bytes, _flat(args)), _eager(model, args), f"opset {opset}")
+    x = torch.randn(BATCH, FEATURES)
+    model_bytes = _export(cell, (x,), False, opset_version=opset)
+    _assert_standard_lstm_graph(model_bytes, 1)
+    for a, e in zip(_run_onnx(model_bytes, [x]), cell(x)):
+        assert_close(a, e.detach(), torch.float32, f"LSTMCell at opset {opset}")
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_lstm_export_with_dynamic_time_and_batch(dynamo):
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, num_layers=2, bidirectional=True).eval()
+    args = _lstm_inputs(2, True, False, True)
+    if dynamo:
+        steps, batch = Dim("T"), Dim("N")
+        options = dict(dynamic_shapes=({0: steps, 1: batch}, ({1: batch}, {1: batch})))
+    else:
+        options = dict(
+            input_names=["input", "h_0", "c_0"],
+            output_names=["output", "h_n", "c_n"],
+            dynamic_axes={"input": {0: "T", 1: "N"}, "h_0": {1: "N"}, "c_0": {1: "N"},
+                          "output": {0: "T", 1: "N"}, "h_n": {1: "N"}, "c_n": {1: "N"}},
+        )
+    model_bytes = _export(model, args, dynamo, **options)
+    _assert_standard_lstm_graph(model_bytes, 4)
+    # Run at a sequence length and batch other than the exported ones.
+    other = _lstm_inputs(2, True, False, True, steps=STEPS + 2, batch=BATCH - 1)
+    _assert_outputs(_run_onnx(model_bytes, _flat(other)), _eager(model, other), "dynamic")
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("bias,with_state", [(True, True), (False, False)])
+def test_lstm_cell_export_matches_eager(dynamo, bias, with_state):
+    cell = lstm_ext.LSTMCell(FEATURES, HIDDEN, bias=bias).eval()
+    x = torch.randn(BATCH, FEATURES)
+    args = (x, (torch.randn(BATCH, HIDDEN), torch.randn(BATCH, HIDDEN))) if with_state else (x,)
+    model_bytes = _export(cell, args, dynamo)
+    _assert_standard_lstm_graph(model_bytes, 1)
+    actual = _run_onnx(model_bytes, _flat(args))
+    for name, a, e in zip(("h", "c"), actual, cell(*args)):
+        assert_close(a, e.detach(), torch.float32, f"LSTMCell {name}")
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training_op", "inference_op"])
+def test_translation_table_for_an_exported_program(grad):
+    # torch.export.export runs the fused operators (with training=True when the parameters
+    # require grad); the table translates them whatever that flag.
+    table = lstm_ext.onnx.custom_translation_table()
+    assert set(table) == {
+        torch.ops.lstm_ext.lstm_forward.default,
+        torch.ops.lstm_ext.lstm_cell_forward.default,
+    }
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, num_layers=2, bidirectional=True).eval()
+    cell = lstm_ext.LSTMCell(FEATURES, HIDDEN).eval()
+    args = _lstm_inputs(2, True, False, True)
+    cell_args = (torch.randn(BATCH, FEATURES),
+                 (torch.randn(BATCH, HIDDEN), torch.randn(BATCH, HIDDEN)))
+    for module, module_args, nodes in ((model, args, 4), (cell, cell_args, 1)):
+        with torch.set_grad_enabled(grad):
+            program = torch.export.export(module, module_args)
+        targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+        assert targets & set(table), "the program should hold lstm_ext's operators"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(
+                program, custom_translation_table=table, verbose=False
+            )
+        model_bytes = onnx_program.model_proto.SerializeToString()
+        _assert_standard_lstm_graph(model_bytes, nodes)
+        actual = _run_onnx(model_bytes, _flat(module_args))
+        expected = module(*module_args)
+        expected = _eager(module, module_args) if module is model else list(expected)
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e.detach(), torch.float32, f"{type(module).__name__} output {index}")
+
+
+class _Packed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = lstm_ext.LSTM(FEATURES, HIDDEN)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        _, (h_n, _) = self.lstm(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        return h_n
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_export_refuses_projections(dynamo):
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, proj_size=3).eval()
+    with pytest.raises(Exception, match=r"proj_size > 0 \(LSTM with projections\)") as caught:
+        _export(model, (torch.randn(STEPS, BATCH, FEATURES),), dynamo)
+    # The dynamo exporter wraps the error; the cause is ours.
+    error = caught.value
+    while error.__cause__ is not None:
+        error = error.__cause__
+    assert type(error) is RuntimeError and str(error).startswith("lstm_ext ONNX export")
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_export_refuses_packed_input(dynamo):
+    args = (torch.randn(STEPS, BATCH, FEATURES), torch.tensor([STEPS, 2, 3]))
+    with pytest.raises(Exception, match="PackedSequence input cannot be exported"):
+        _export(_Packed().eval(), args, dynamo)
+
+
+def test_translation_table_refuses_projections():
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, proj_size=3).eval()
+    program = torch.export.export(model, (torch.randn(STEPS, BATCH, FEATURES),))
+    with pytest.raises(Exception, match=r"proj_size > 0 \(LSTM with projections\)"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                program,
+                custom_translation_table=lstm_ext.onnx.custom_translation_table(),
+                verbose=False,
+            )
+
+
+def test_stand_in_outside_an_export_runs_the_fused_op():
+    # functional.py chooses the stand-ins only during an export; called outside one, they run the
+    # fused operators.
+    assert not lstm_ext.onnx.in_onnx_export()
+    model = lstm_ext.LSTM(FEATURES, HIDDEN).eval()
+    x = torch.randn(STEPS, BATCH, FEATURES)
+    h0 = torch.zeros(BATCH, HIDDEN)
+    expected = model(x)[0]
+    actual = lstm_ext.onnx.lstm_forward(
+        x, h0, h0, model.weight_ih_l0, model.weight_hh_l0, model.bias_ih_l0, model.bias_hh_l0
+    )[0]
+    assert torch.equal(actual, expected)
+
+
+def test_import_does_not_load_onnx_packages():
+    # onnx, onnxscript and onnxruntime are optional: importing lstm_ext must not pull them in.
+    script = (
+        "import sys, lstm_ext\n"
+        "loaded = {m.split('.')[0] for m in sys.modules}\n"
+        "print(sorted(loaded & {'onnx', 'onnxscript', 'onnx_ir', 'onnxruntime'}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=pathlib.Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "[]"

@@ -541,6 +541,20 @@ class _CompiledLstmCellFunction(_NoForwardMode, LstmCellFunction):
     pass
 
 
+def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
+    """``function.apply(*args)``, without the signature binding it repeats on every call.
+
+    torch's Function.apply fills in default arguments with inspect.signature on each call: tens
+    of microseconds per layer, a tenth of a small LSTM's training step, and nothing to do here,
+    where every argument is passed positionally. Under torch.func transforms and torch.compile
+    the ordinary apply runs; otherwise what it would do after the binding.
+    """
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return function.apply(*args)
+    args = torch._functorch.utils.unwrap_dead_wrappers(args)
+    return super(torch.autograd.Function, function).apply(*args)
+
+
 def apply_lstm_layer(
     input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
     b_hh: Tensor | None, w_hr: Tensor | None, batch_sizes: Tensor | None, reverse: bool,
@@ -548,7 +562,7 @@ def apply_lstm_layer(
     """:class:`LstmLayerFunction` applied (its jvp-less twin under torch.compile)."""
     compiling = torch.compiler.is_compiling()
     function = _CompiledLstmLayerFunction if compiling else LstmLayerFunction
-    return function.apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    return _apply(function, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
 
 
 def apply_lstm_cell(
@@ -557,7 +571,7 @@ def apply_lstm_cell(
 ) -> tuple[Tensor, ...]:
     """:class:`LstmCellFunction` applied (its jvp-less twin under torch.compile)."""
     function = _CompiledLstmCellFunction if torch.compiler.is_compiling() else LstmCellFunction
-    return function.apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    return _apply(function, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
 
 # The forward ops' own autograd (torch.library), for direct callers of torch.ops.lstm_ext.

@@ -406,6 +406,26 @@ def test_profile_lstm_reports_every_phase(capsys):
     printed = capsys.readouterr().out
     for label in profile.PHASES.values():
         line = next(row for row in printed.splitlines() if row.startswith(label))
-        milliseconds = float(line[len(label):].split()[0])
+        milliseconds = float(line[len(label) :].split()[0])
         assert milliseconds > 0, line
     assert "whole step" in printed
+
+
+def test_bench_func_reports_every_workload(tmp_path: Path) -> None:
+    bench_func = _load("bench_func")
+    path = tmp_path / "func.json"
+    argv = ["--shape", "3,2,4,5", "--samples", "3", "--rounds", "1", "--warmup", "0"]
+    assert bench_func.main([*argv, "--json", str(path)]) == 0
+    payload = json.loads(path.read_text())
+    _assert_finite(payload)
+    assert set(payload["results"]) == {
+        "per-sample gradients",
+        "gradient penalty (double backward)",
+        "vmap inference over B batches",
+    }
+    for title, report in payload["results"].items():
+        for name, entry in report.items():
+            # Every variant computes what torch computes.
+            assert entry["max_abs_diff_from_torch"] < 1e-5, (title, name)
+            assert entry["ms"]["median"] > 0
+        assert next(iter(report)).startswith("lstm_ext")

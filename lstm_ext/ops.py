@@ -2,8 +2,11 @@
 
 The C++ library registers the schemas and the device kernels. This module adds what makes the ops
 first-class PyTorch citizens: a fake (meta) kernel for each, so ``torch.compile`` and
-``torch.library.opcheck`` can trace them, and an autograd formula for each forward op, which calls
-the matching private backward op. Double backward is refused with a clear error.
+``torch.library.opcheck`` can trace them; autograd for each forward op, whose first order calls
+the matching private backward op and whose higher orders (double backward) and forward mode
+differentiate the reference math; the autograd Functions :class:`LstmLayerFunction` and
+:class:`LstmCellFunction` that the functional layer applies, which torch.func's transforms accept;
+and a vmap rule for each op.
 
 Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``P`` projection size
 (``P = H`` without projections); ``rows`` the rows of a packed batch (the sum of its batch_sizes).
@@ -17,7 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["lstm_forward", "lstm_cell_forward"]
+__all__ = [
+    "LstmCellFunction",
+    "LstmLayerFunction",
+    "apply_lstm_cell",
+    "apply_lstm_layer",
+    "lstm_cell_forward",
+    "lstm_forward",
+]
 
 
 def lstm_forward(
@@ -153,6 +163,9 @@ def _lstm_cell_backward_fake(grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved
 # and torch.func differentiate to any order. Only a graph that differentiates a gradient pays for
 # the slower reference math; first-order calls run exactly as before.
 #
+# Forward mode (jvp: torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) has no fused
+# kernel: the Functions' jvp computes the tangents from the reference math too.
+#
 # Two entry points share this machinery:
 # - torch.library.register_autograd on the forward ops, for direct callers of torch.ops.lstm_ext
 #   (and torch.library.opcheck);
@@ -168,67 +181,72 @@ def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
 
+class _OnPresent:
+    """``function(*arguments)`` as a function of arguments' non-None entries only.
+
+    torch.func differentiates functions of tensors; the None arguments (a layer without biases or
+    projections) are held fixed, and None outputs (their gradients) are dropped. After the first
+    call, ``exists[k]`` tells whether function's output k was returned.
+    """
+
+    def __init__(self, function: Callable, arguments: tuple) -> None:
+        self.function, self.arguments = function, arguments
+        self.present = [k for k, value in enumerate(arguments) if value is not None]
+        self.primals = tuple(arguments[k] for k in self.present)
+        self.exists: list[bool] = []
+
+    def __call__(self, *values: Tensor) -> tuple[Tensor, ...]:
+        full = list(self.arguments)
+        for k, value in zip(self.present, values):
+            full[k] = value
+        outputs = self.function(*full)
+        self.exists = [out is not None for out in outputs]
+        return tuple(out for out in outputs if out is not None)
+
+    def per_argument(self, grads: tuple[Tensor, ...]) -> list[Tensor | None]:
+        """Gradients of the present arguments, spread back to all of them (None for the rest)."""
+        result: list[Tensor | None] = [None] * len(self.arguments)
+        for k, grad in zip(self.present, grads):
+            result[k] = grad
+        return result
+
+    def per_output(self, values: tuple[Tensor, ...]) -> list[Tensor | None]:
+        """Values of the returned outputs, spread back to all of function's (None for the rest)."""
+        remaining = iter(values)
+        return [next(remaining) if keep else None for keep in self.exists]
+
+
 def _vjp(function: Callable, arguments: tuple, cotangents: tuple) -> list[Tensor | None]:
     """The vector-Jacobian product of ``function(*arguments)`` with ``cotangents``.
 
-    None arguments are held fixed and get None. None entries of function's output tuple (outputs
-    that do not exist, e.g. the bias gradient of a layer without biases) take no cotangent; a
-    None cotangent counts as zero. Computed with torch.func.vjp rather than
+    None arguments are held fixed and get None (see :class:`_OnPresent`); a None output takes no
+    cotangent, a None cotangent counts as zero. Computed with torch.func.vjp rather than
     torch.autograd.grad: it nests both inside torch.func transforms and inside autograd, and its
     result is differentiable wherever its inputs are, so gradients compose to any order.
     """
-    present = [k for k, value in enumerate(arguments) if value is not None]
-    exists: list[bool] = []
-
-    def on_present(*values: Tensor) -> tuple[Tensor, ...]:
-        full = list(arguments)
-        for k, value in zip(present, values):
-            full[k] = value
-        outputs = function(*full)
-        exists[:] = [out is not None for out in outputs]
-        return tuple(out for out in outputs if out is not None)
-
-    outputs, vjp_fn = torch.func.vjp(on_present, *(arguments[k] for k in present))
-    kept = [ct for ct, keep in zip(cotangents, exists) if keep]
+    on_present = _OnPresent(function, arguments)
+    outputs, vjp_fn = torch.func.vjp(on_present, *on_present.primals)
+    kept = [ct for ct, keep in zip(cotangents, on_present.exists) if keep]
     filled = tuple(_zeros_if_none(ct, out) for ct, out in zip(kept, outputs))
-    result: list[Tensor | None] = [None] * len(arguments)
-    for k, grad in zip(present, vjp_fn(filled)):
-        result[k] = grad
-    return result
+    return on_present.per_argument(vjp_fn(filled))
 
 
 def _jvp(function: Callable, arguments: tuple, tangents: tuple) -> list[Tensor | None]:
     """The Jacobian-vector product of ``function(*arguments)`` with ``tangents`` (forward mode).
 
     As :func:`_vjp`: None arguments are held fixed, a None tangent counts as zero, and a None
-    entry of function's output gets a None tangent. Computed as the transpose of the
-    vector-Jacobian product (``u -> J^T u`` is linear; its own vjp with v is ``J v``), not with
-    torch.func.jvp: forward mode cannot nest inside torch.autograd.forward_ad's dual level, from
-    which this is called, while reverse mode nests anywhere.
+    output gets a None tangent. Computed as the transpose of the vector-Jacobian product
+    (``u -> J^T u`` is linear; its own vjp with v is ``J v``), not with torch.func.jvp: forward
+    mode cannot nest inside torch.autograd.forward_ad's dual level, from which this is called,
+    while reverse mode nests anywhere.
     """
-    present = [k for k, value in enumerate(arguments) if value is not None]
-    exists: list[bool] = []
-
-    def on_present(*values: Tensor) -> tuple[Tensor, ...]:
-        full = list(arguments)
-        for k, value in zip(present, values):
-            full[k] = value
-        outputs = function(*full)
-        exists[:] = [out is not None for out in outputs]
-        return tuple(out for out in outputs if out is not None)
-
-    primals = tuple(arguments[k] for k in present)
-    outputs, vjp_fn = torch.func.vjp(on_present, *primals)
+    on_present = _OnPresent(function, arguments)
+    outputs, vjp_fn = torch.func.vjp(on_present, *on_present.primals)
     _, transposed_vjp = torch.func.vjp(
         lambda *u: vjp_fn(u), *(torch.zeros_like(out) for out in outputs)
     )
-    filled = tuple(_zeros_if_none(tangents[k], arguments[k]) for k in present)
-    output_tangents = transposed_vjp(filled)
-    result: list[Tensor | None] = []
-    remaining = iter(output_tangents)
-    for keep in exists:
-        result.append(next(remaining) if keep else None)
-    return result
+    filled = tuple(_zeros_if_none(tangents[k], arguments[k]) for k in on_present.present)
+    return on_present.per_output(transposed_vjp(filled))
 
 
 def _reference_layer(reverse: bool, batch_sizes: Tensor | None) -> Callable:
@@ -459,8 +477,10 @@ class LstmLayerFunction(torch.autograd.Function):
     """One layer in one direction (``lstm_forward`` with training=True) as an autograd.Function.
 
     ``LstmLayerFunction.apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
-    reverse)`` returns ``lstm_forward``'s six outputs. Differentiable to any order; works under
-    torch.func's grad, vjp, jacrev and vmap (through the ops' vmap rules).
+    reverse)`` returns ``lstm_forward``'s six outputs. Differentiable to any order, in reverse and
+    forward mode; works under torch.func's grad, vjp, jacrev, jvp, jacfwd, hessian and vmap
+    (through the ops' vmap rules). Under torch.compile, :func:`apply_lstm_layer` applies its
+    jvp-less twin.
     """
 
     generate_vmap_rule = True

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import importlib.util
 import itertools
 import sys
 import time
@@ -144,11 +145,18 @@ CUDA_BASELINES = (
 )
 REFERENCE = VariantSpec("reference", "reference", "reference")
 COMPILED = VariantSpec("reference_compiled", "reference (compiled)", "compiled")
+# The CPU runtimes LSTMs are deployed with, on the same weights: the model exported with
+# lstm_ext's ONNX exporter (one ONNX LSTM node per layer and direction), run by the runtime's
+# own LSTM kernel. Inference only; optional packages, skipped with the reason when absent.
+ONNXRUNTIME = VariantSpec("onnxruntime", "ONNX Runtime", "runtime")
+OPENVINO = VariantSpec("openvino", "OpenVINO", "runtime")
+RUNTIMES = (ONNXRUNTIME, OPENVINO)
+RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
 def available_variants(device: torch.device, compile_reference: bool) -> list[VariantSpec]:
     """lstm_ext first (every speedup is relative to it), then torch's paths, then the reference."""
-    baselines = CUDA_BASELINES if device.type == "cuda" else CPU_BASELINES
+    baselines = CUDA_BASELINES if device.type == "cuda" else (*CPU_BASELINES, *RUNTIMES)
     variants = [EXT, *baselines, REFERENCE]
     if compile_reference:
         variants.append(COMPILED)
@@ -452,6 +460,8 @@ class Workload:
                 output, (h_n, c_n) = self.ext_lstm(x, hx)
                 return output, h_n, c_n
 
+        elif spec.kind == "runtime":
+            return self._runtime_step(spec)
         elif spec.kind == "torch":
             params = [getattr(self.torch_lstm, name) for name in self.weight_names]
 
@@ -493,6 +503,73 @@ class Workload:
             def step() -> StepResult:
                 with torch.no_grad():
                     return forward(x, hx), ()
+
+        return step
+
+
+    def runtime_skip_reason(self, spec: VariantSpec) -> str | None:
+        """Why a deployment runtime cannot run this case, or None if it can."""
+        if self.training:
+            return "inference only (a deployment runtime)"
+        if self.input.device.type != "cpu" or self.input.dtype != torch.float32:
+            # onnxruntime's CPU LSTM has no float64 kernel; the half types are not compared.
+            return "CPU float32 only"
+        package = RUNTIME_PACKAGES[spec.key]
+        if importlib.util.find_spec(package) is None:
+            return f"{package} is not installed (optional: pip install {package})"
+        return None
+
+    def _onnx_model(self) -> bytes:
+        """The lstm_ext module exported as ONNX (TorchScript exporter: fast, no onnx package)."""
+        import io
+        import warnings
+
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(
+                self.ext_lstm, (self.input, (self.h0, self.c0)), buffer, dynamo=False,
+                input_names=["input", "h0", "c0"], output_names=["output", "h_n", "c_n"],
+            )
+        return buffer.getvalue()
+
+    def _runtime_step(self, spec: VariantSpec) -> Callable[[], StepResult]:
+        threads = torch.get_num_threads()
+        model = self._onnx_model()
+        feeds = [t.detach().numpy() for t in (self.input, self.h0, self.c0)]
+        if spec.key == "onnxruntime":
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            session = onnxruntime.InferenceSession(
+                model, options, providers=["CPUExecutionProvider"]
+            )
+            named = dict(zip(["input", "h0", "c0"], feeds))
+
+            def run() -> list[Any]:
+                return session.run(None, named)
+
+        else:
+            import openvino
+
+            core = openvino.Core()
+            # f32: on CPUs with bfloat16 units OpenVINO otherwise computes in bfloat16.
+            config = {
+                "INFERENCE_NUM_THREADS": threads,
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_PRECISION_HINT": "f32",
+            }
+            compiled = core.compile_model(core.read_model(model=model), "CPU", config)
+            request = compiled.create_infer_request()
+
+            def run() -> list[Any]:
+                request.infer(feeds)
+                return [request.get_output_tensor(k).data for k in range(3)]
+
+        def step() -> StepResult:
+            return tuple(torch.from_numpy(out) for out in run()), ()
 
         return step
 
@@ -733,6 +810,10 @@ def run_case(
         # limit is never reached however many shapes run.
         torch._dynamo.reset()
     for run in runs.values():
+        if run.spec.kind == "runtime":
+            run.skipped = work.runtime_skip_reason(run.spec)
+            if run.skipped:
+                continue
         run.step = run.attempt(lambda run=run: work.make_step(run.spec, settings.compile_backend))
 
     def usable() -> list[VariantRun]:

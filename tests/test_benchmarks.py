@@ -77,7 +77,16 @@ def test_bench_json_has_every_figure(bench: ModuleType, tmp_path: Path) -> None:
     for case in payload["results"]:
         assert case["shape"]["name"] == "T3 N2 C4 H4"
         variants = case["variants"]
-        assert set(variants) == {"lstm_ext", "torch_onednn", "torch_native", "reference"}
+        assert set(variants) == {
+            "lstm_ext", "torch_onednn", "torch_native", "onnxruntime", "openvino", "reference"
+        }
+        for runtime in ("onnxruntime", "openvino"):
+            if case["mode"] == "training":
+                assert variants[runtime]["skipped"] == "inference only (a deployment runtime)"
+            elif importlib.util.find_spec(runtime) is None:
+                assert "is not installed" in variants[runtime]["skipped"]
+            else:
+                assert variants[runtime]["skipped"] is None, runtime
         for key, record in variants.items():
             assert record["error"] is None, (key, record["error"])
             if record["skipped"]:
@@ -429,3 +438,16 @@ def test_bench_func_reports_every_workload(tmp_path: Path) -> None:
             assert entry["max_abs_diff_from_torch"] < 1e-5, (title, name)
             assert entry["ms"]["median"] > 0
         assert next(iter(report)).startswith("lstm_ext")
+
+
+def test_bench_runtime_variant_without_its_package_is_skipped_clearly(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(bench.RUNTIME_PACKAGES, "openvino", "no_such_runtime_package")
+    argv = [*TINY, "--warmup", "0", "--modes", "inference", "--variants", "openvino"]
+    code, payload = _run_bench(bench, tmp_path, *argv)
+    assert code == 0
+    skipped = payload["results"][0]["variants"]["openvino"]["skipped"]
+    assert skipped == (
+        "no_such_runtime_package is not installed (optional: pip install no_such_runtime_package)"
+    )

@@ -32,6 +32,7 @@ import dataclasses
 import gc
 import importlib.util
 import itertools
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -106,6 +107,19 @@ PRESETS: dict[str, Shape] = {
 }
 DEFAULT_PRESETS = ("large", "medium", "latency")
 GRID_DEFAULTS = {"seq_len": 100, "batch": 64, "hidden": 512}
+
+# --grid: the shapes real models use, T x N x C=H x layers, with sizes that are not multiples of
+# the SIMD width among them (200, 20). The full product is 384 shapes; the grid samples it so that
+# every (N, H) pair appears once, each T and each layer count equally often, and a 2-core run of
+# both modes takes about ten minutes.
+GRID_SEQ_LENS = (1, 35, 100, 500)
+GRID_BATCHES = (1, 2, 4, 8, 20, 32, 64, 128)
+GRID_HIDDENS = (64, 128, 200, 256, 512, 1024)
+GRID_LAYERS = (1, 2)
+# A point's forward GEMM work is capped (2 T N 4H (C + H) L flops): past it, T steps down the
+# grid's values. About 0.1 s of forward on 2 cores, so no single point dominates the run.
+GRID_FLOP_CAP = 2.5e10
+GRID_TARGET_SECONDS = 0.5
 
 # --sweep: batch sizes at a fixed hidden size, and hidden sizes at a fixed batch, at one T.
 SWEEP_SEQ_LEN = 50
@@ -202,6 +216,76 @@ def _shape_from_text(text: str) -> Shape:
     return Shape(*sizes)
 
 
+def forward_flops(shape: Shape) -> float:
+    """The forward pass's GEMM flops: per step and layer [N, C_l + H] x [C_l + H, 4H]."""
+    total = 0.0
+    for layer in range(shape.layers):
+        inputs = shape.input_size if layer == 0 else shape.hidden_size * shape.directions
+        total += 2 * shape.seq_len * shape.batch * 4 * shape.hidden_size * (
+            inputs + shape.hidden_size
+        ) * shape.directions
+    return total
+
+
+def grid_shapes() -> list[Shape]:
+    """The --grid sample: one shape per (N, H), T and layers in a balanced rotation, capped."""
+    shapes = []
+    for i, batch in enumerate(GRID_BATCHES):
+        for j, hidden in enumerate(GRID_HIDDENS):
+            # Rotations by i + 2j and i + j: over the 48 pairs each T appears 12 times and each
+            # layer count 24 times, and neither follows N or H alone.
+            t_index = (i + 2 * j) % len(GRID_SEQ_LENS)
+            layers = GRID_LAYERS[(i + j) % len(GRID_LAYERS)]
+            shape = Shape(GRID_SEQ_LENS[t_index], batch, hidden, hidden, layers)
+            while t_index > 0 and forward_flops(shape) > GRID_FLOP_CAP:
+                t_index -= 1
+                shape = dataclasses.replace(shape, seq_len=GRID_SEQ_LENS[t_index])
+            shapes.append(shape)
+    return shapes
+
+
+def grid_summary(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per mode: lstm_ext against the best peer at each point, and over the grid.
+
+    A point's "best peer" is the variant other than lstm_ext and the reference with the lowest
+    median time (torch's oneDNN or native path; in inference also ONNX Runtime and OpenVINO when
+    installed); its speedup is that variant's paired median ratio t_peer / t_lstm_ext.
+    """
+    summary: dict[str, Any] = {}
+    for mode in dict.fromkeys(case["mode"] for case in cases):
+        points = []
+        for case in cases:
+            if case["mode"] != mode:
+                continue
+            peers = {
+                key: value
+                for key, value in case["speedup"].items()
+                if not key.startswith("reference")
+            }
+            if not peers:
+                continue
+            best = min(peers, key=lambda key: peers[key]["median"])
+            points.append(
+                {
+                    "shape": case["shape"]["name"],
+                    "seq_len": case["shape"]["seq_len"],
+                    "batch": case["shape"]["batch"],
+                    "hidden_size": case["shape"]["hidden_size"],
+                    "layers": case["shape"]["layers"],
+                    "best_peer": best,
+                    "speedup": peers[best]["median"],
+                }
+            )
+        speedups = [point["speedup"] for point in points]
+        summary[mode] = {
+            "points": points,
+            "median_speedup": statistics.median(speedups) if speedups else None,
+            "min_speedup": min(speedups) if speedups else None,
+            "below_1x": [p["shape"] for p in points if p["speedup"] < 1.0],
+        }
+    return summary
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=(
@@ -256,6 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--hidden-sizes, --seq-lens override the values)",
     )
     what.add_argument(
+        "--grid",
+        action="store_true",
+        help=f"the grid of shapes real models use: T in {list(GRID_SEQ_LENS)}, N in "
+        f"{list(GRID_BATCHES)}, C=H in {list(GRID_HIDDENS)}, layers {list(GRID_LAYERS)}, sampled "
+        "to one shape per (N, H) (~10 minutes on 2 cores); reports lstm_ext against the best "
+        "peer per point and writes a heat map with --plot. Without --variants the reference is "
+        f"left out, and --target-time defaults to {GRID_TARGET_SECONDS:g} s",
+    )
+    what.add_argument(
         "--modes", type=_name_list, default=list(MODES), help="inference and/or training"
     )
     what.add_argument(
@@ -285,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument(
         "--target-time",
         type=float,
-        default=DEFAULT_TARGET_SECONDS,
-        help="seconds of timed rounds per shape and mode when --reps is auto",
+        default=None,
+        help="seconds of timed rounds per shape and mode when --reps is auto (default: "
+        f"{DEFAULT_TARGET_SECONDS:g}, with --grid {GRID_TARGET_SECONDS:g})",
     )
 
     out = parser.add_argument_group("output")
@@ -319,6 +413,19 @@ def resolve_shapes(
             bidirectional=args.bidirectional,
         )
 
+    if args.grid:
+        given = [
+            option
+            for option, value in (
+                ("--sweep", args.sweep), ("--shapes", args.shapes), ("--seq-lens", args.seq_lens),
+                ("--batch-sizes", args.batch_sizes), ("--hidden-sizes", args.hidden_sizes),
+                ("--input-size", args.input_size), ("--bidirectional", args.bidirectional),
+            )
+            if value
+        ]
+        if given or args.layers != 1:
+            parser.error(f"--grid sets the shapes itself: drop {', '.join(given) or '--layers'}")
+        return grid_shapes(), None
     if args.sweep:
         if args.shapes:
             parser.error("--sweep and --shapes cannot be combined")
@@ -1071,6 +1178,46 @@ def results_table(cases: Sequence[dict[str, Any]], variants: Sequence[VariantSpe
     return format_table(headers, rows)
 
 
+# Heat-map cells name their best peer by one letter.
+PEER_LETTERS = {"torch_onednn": "D", "torch_native": "N", "onnxruntime": "O", "openvino": "V"}
+
+
+def _grid_heat_map(plt: Any, grid: dict[str, Any]) -> Any:
+    """One N x H heat map per mode of lstm_ext's speedup over the best peer (log colour scale)."""
+    import matplotlib.colors
+
+    modes = [mode for mode, part in grid.items() if part["points"]]
+    figure, axes = plt.subplots(1, len(modes), figsize=(7.5 * len(modes), 6.2), squeeze=False)
+    norm = matplotlib.colors.LogNorm(vmin=0.5, vmax=2.0)
+    for column, mode in enumerate(modes):
+        axis = axes[0][column]
+        part = grid[mode]
+        values = [[float("nan")] * len(GRID_HIDDENS) for _ in GRID_BATCHES]
+        for point in part["points"]:
+            if point["batch"] not in GRID_BATCHES or point["hidden_size"] not in GRID_HIDDENS:
+                continue
+            row = GRID_BATCHES.index(point["batch"])
+            col = GRID_HIDDENS.index(point["hidden_size"])
+            values[row][col] = point["speedup"]
+            layers = " L2" if point["layers"] > 1 else ""
+            letter = PEER_LETTERS.get(point["best_peer"], "?")
+            axis.text(
+                col, row, f"{point['speedup']:.2f} {letter}\nT{point['seq_len']}{layers}",
+                ha="center", va="center", fontsize=7,
+            )
+        image = axis.imshow(values, cmap="RdYlGn", norm=norm, aspect="auto")
+        axis.set_xticks(range(len(GRID_HIDDENS)), [str(h) for h in GRID_HIDDENS])
+        axis.set_yticks(range(len(GRID_BATCHES)), [str(n) for n in GRID_BATCHES])
+        axis.set_xlabel("hidden size H (= C)")
+        axis.set_ylabel("batch size N")
+        axis.set_title(
+            f"{mode}: median {part['median_speedup']:.2f}x, min {part['min_speedup']:.2f}x",
+            fontsize=10,
+        )
+        figure.colorbar(image, ax=axis, label="speedup over the best peer (x)")
+    return figure
+
+
 def write_plot(path: str, payload: dict[str, Any]) -> None:
     """PNG of lstm_ext's speedup over each baseline: per shape and mode, or against size (sweep)."""
     plt = bu.pyplot()
@@ -1085,7 +1232,10 @@ def write_plot(path: str, payload: dict[str, Any]) -> None:
         f"{env['threads']} threads; >1: lstm_ext faster)"
     )
     sweep = payload.get("sweep")
-    if sweep:
+    if payload.get("grid"):
+        title += "\nbest peer: D torch oneDNN, N torch native, O ONNX Runtime, V OpenVINO"
+        figure = _grid_heat_map(plt, payload["grid"])
+    elif sweep:
         figure, axes = plt.subplots(len(modes), 2, figsize=(11, 3.6 * len(modes)), squeeze=False)
         by_name = {(case["shape"]["name"], case["mode"]): case for case in cases}
         for row, mode in enumerate(modes):
@@ -1186,6 +1336,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{', '.join(sorted(known))} (reference_compiled needs --compile)"
             )
         variants = [spec for spec in variants if spec.key == EXT.key or spec.key in args.variants]
+    elif args.grid:
+        # The reference is the slowest variant by far at T = 500 and no peer a user deploys.
+        variants = [spec for spec in variants if spec.kind != "reference"]
+    if args.target_time is None:
+        args.target_time = GRID_TARGET_SECONDS if args.grid else DEFAULT_TARGET_SECONDS
     shapes, sweep = resolve_shapes(args, parser)
 
     previous_threads = torch.get_num_threads()
@@ -1281,11 +1436,23 @@ def _run(
         "min_auto_reps": MIN_AUTO_REPS,
         "max_auto_reps": MAX_AUTO_REPS,
     }
+    grid = grid_summary(cases) if args.grid else None
+    if grid:
+        for mode, part in grid.items():
+            if part["median_speedup"] is None:
+                continue
+            below = ", ".join(part["below_1x"]) or "none"
+            print(
+                f"grid {mode}: lstm_ext against the best peer per point: median "
+                f"{part['median_speedup']:.2f}x, min {part['min_speedup']:.2f}x over "
+                f"{len(part['points'])} points; below 1.0x: {below}"
+            )
     payload = {
         "schema": SCHEMA,
         "env": env,
         "config": config,
         "sweep": sweep,
+        "grid": grid,
         "results": cases,
         "total_wall_s": total,
         "ok": ok,

@@ -451,3 +451,44 @@ def test_bench_runtime_variant_without_its_package_is_skipped_clearly(
     assert skipped == (
         "no_such_runtime_package is not installed (optional: pip install no_such_runtime_package)"
     )
+
+
+def test_bench_grid_reports_best_peer_per_point(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 2 x 2 x 2 grid instead of the real one (48 shapes): the same code path in seconds.
+    monkeypatch.setattr(bench, "GRID_SEQ_LENS", (1, 3))
+    monkeypatch.setattr(bench, "GRID_BATCHES", (1, 2))
+    monkeypatch.setattr(bench, "GRID_HIDDENS", (4, 5))
+    assert [s.name for s in bench.grid_shapes()] == [
+        "T1 N1 C4 H4", "T1 N1 C5 H5 L2", "T3 N2 C4 H4 L2", "T3 N2 C5 H5"
+    ]
+    code, payload = _run_bench(bench, tmp_path, "--grid", "--reps", "1", "--warmup", "0")
+    assert code == 0
+    _assert_finite(payload)
+    assert "reference" not in payload["config"]["variants"]
+    assert payload["config"]["target_time"] == bench.GRID_TARGET_SECONDS
+    grid = payload["grid"]
+    assert set(grid) == {"inference", "training"}
+    for mode, part in grid.items():
+        assert len(part["points"]) == 4
+        for point in part["points"]:
+            case = next(
+                c for c in payload["results"]
+                if c["shape"]["name"] == point["shape"] and c["mode"] == mode
+            )
+            # The best peer is the fastest non-reference variant: the smallest paired speedup.
+            assert point["speedup"] == min(v["median"] for v in case["speedup"].values())
+            if mode == "training":
+                assert point["best_peer"] in ("torch_onednn", "torch_native")
+        assert part["min_speedup"] == min(p["speedup"] for p in part["points"])
+        assert part["below_1x"] == [p["shape"] for p in part["points"] if p["speedup"] < 1.0]
+    if importlib.util.find_spec("matplotlib") is not None:
+        plot = tmp_path / "grid.png"
+        assert bench.main(["--grid", "--reps", "1", "--warmup", "0", "--plot", str(plot)]) == 0
+        assert plot.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_grid_refuses_shape_options(bench: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--grid", "--shapes", "large"])

@@ -650,6 +650,9 @@ class Workload:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+            # ONNX Runtime's threads spin-wait after each run by default, taking the cores from
+            # whichever variant runs next in the interleaved rounds (2x slower steps were seen).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = onnxruntime.InferenceSession(
                 model, options, providers=["CPUExecutionProvider"]
             )

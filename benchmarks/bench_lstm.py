@@ -976,15 +976,23 @@ def run_case(
             f"    timing rounds of {len(usable())} variant(s) for ~{settings.target_time:g} s "
             f"({MIN_AUTO_REPS} to {MAX_AUTO_REPS} rounds)"
         )
+    def in_process() -> list[VariantRun]:
+        return [run for run in usable() if run.spec.kind != "runtime"]
+
+    def runtimes() -> list[VariantRun]:
+        return [run for run in usable() if run.spec.kind == "runtime"]
+
     reps = 0
     timing_start = time.perf_counter()
     gc.collect()
     # As timeit does: a collection in the middle of one variant's step would bill it alone.
     gc.disable()
     try:
-        while usable() and not _enough_rounds(reps, time.perf_counter() - timing_start, settings):
+        while in_process() and not _enough_rounds(
+            reps, time.perf_counter() - timing_start, settings
+        ):
             round_start = time.perf_counter()
-            for run in _rotated(usable(), reps):
+            for run in _rotated(in_process(), reps):
                 elapsed = run.attempt(lambda run=run: timed_call(run.step, sync))
                 if elapsed is not None:
                     run.times.append(elapsed)
@@ -992,6 +1000,14 @@ def run_case(
             round_seconds = time.perf_counter() - round_start
             if round_seconds > 1.0:
                 _progress(f"    round {reps}: {round_seconds:.1f} s")
+        # The deployment runtimes' own thread pools (OpenVINO's TBB workers, ONNX Runtime's
+        # pool) stay busy for a while after a run and slowed the variant timed next by up to
+        # 10x in interleaved rounds, so they get rounds of their own, as many, after the others.
+        for round_index in range(reps):
+            for run in _rotated(runtimes(), round_index):
+                elapsed = run.attempt(lambda run=run: timed_call(run.step, sync))
+                if elapsed is not None:
+                    run.times.append(elapsed)
     finally:
         gc.enable()
 

@@ -31,10 +31,12 @@ import contextlib
 import dataclasses
 import gc
 import importlib.util
+import io
 import itertools
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -628,9 +630,6 @@ class Workload:
 
     def _onnx_model(self) -> bytes:
         """The lstm_ext module exported as ONNX (TorchScript exporter: fast, no onnx package)."""
-        import io
-        import warnings
-
         buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice

@@ -14,6 +14,7 @@ Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``P`` proj
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -337,10 +338,7 @@ class _LstmLayerBackward(torch.autograd.Function):
     def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
         # Forward mode over the backward (torch.func.hessian is jacfwd(jacrev)).
         *arguments, batch_sizes = ctx.saved_tensors
-
-        def first_order(*args):
-            return _reference_layer_gradients(ctx.reverse, batch_sizes, *args)
-
+        first_order = functools.partial(_reference_layer_gradients, ctx.reverse, batch_sizes)
         grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = _jvp(
             first_order, tuple(arguments), tangents[:11]
         )
@@ -358,10 +356,7 @@ class _LstmLayerBackward(torch.autograd.Function):
         *arguments, batch_sizes = ctx.saved_tensors
         if all(ct is None for ct in cotangents):
             return (None,) * 17
-
-        def first_order(*args):
-            return _reference_layer_gradients(ctx.reverse, batch_sizes, *args)
-
+        first_order = functools.partial(_reference_layer_gradients, ctx.reverse, batch_sizes)
         grads = _vjp(first_order, tuple(arguments), cotangents)
         return (*grads, None, None, None, None, None, None)
 
@@ -435,8 +430,7 @@ def _layer_gradients(
     # Only a backward that builds a graph (create_graph=True, or any torch.func transform, which
     # always does) needs the differentiable wrapper; a plain backward calls the op.
     if torch.is_grad_enabled():
-        compiling = torch.compiler.is_compiling()
-        grads = (_CompiledLstmLayerBackward if compiling else _LstmLayerBackward).apply(*arguments)
+        grads = _apply(_LstmLayerBackward, _CompiledLstmLayerBackward, *arguments)
     else:
         grads = _LstmLayerBackward.forward(*arguments)
     grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
@@ -464,8 +458,7 @@ def _cell_gradients(
             _, c, saved_gates = lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, True)
     arguments = (_zeros_if_none(grad_h, hx), _zeros_if_none(grad_c, cx), *inputs, c, saved_gates)
     if torch.is_grad_enabled():
-        compiling = torch.compiler.is_compiling()
-        grads = (_CompiledLstmCellBackward if compiling else _LstmCellBackward).apply(*arguments)
+        grads = _apply(_LstmCellBackward, _CompiledLstmCellBackward, *arguments)
     else:
         grads = _LstmCellBackward.forward(*arguments)
     grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias = grads
@@ -561,15 +554,21 @@ class _CompiledLstmCellFunction(_NoForwardMode, LstmCellFunction):
     pass
 
 
-def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
-    """``function.apply(*args)``, without the signature binding it repeats on every call.
+def _apply(
+    function: type[torch.autograd.Function],
+    compiled_twin: type[torch.autograd.Function],
+    *args: Any,
+) -> Any:
+    """``function.apply(*args)``; under torch.compile its jvp-less twin's.
 
-    torch's Function.apply fills in default arguments with inspect.signature on each call: tens
-    of microseconds per layer, a tenth of a small LSTM's training step, and nothing to do here,
-    where every argument is passed positionally. Under torch.func transforms and torch.compile
-    the ordinary apply runs; otherwise what it would do after the binding.
+    Eagerly and outside torch.func transforms, without the signature binding Function.apply
+    repeats on every call: it fills in default arguments with inspect.signature, tens of
+    microseconds per layer (a tenth of a small LSTM's training step) and nothing to do here,
+    where every argument is passed positionally. Otherwise the ordinary apply.
     """
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return compiled_twin.apply(*args)
+    if torch._C._are_functorch_transforms_active():
         return function.apply(*args)
     args = torch._functorch.utils.unwrap_dead_wrappers(args)
     return super(torch.autograd.Function, function).apply(*args)
@@ -580,9 +579,10 @@ def apply_lstm_layer(
     b_hh: Tensor | None, w_hr: Tensor | None, batch_sizes: Tensor | None, reverse: bool,
 ) -> tuple[Tensor, ...]:
     """:class:`LstmLayerFunction` applied (its jvp-less twin under torch.compile)."""
-    compiling = torch.compiler.is_compiling()
-    function = _CompiledLstmLayerFunction if compiling else LstmLayerFunction
-    return _apply(function, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    return _apply(
+        LstmLayerFunction, _CompiledLstmLayerFunction,
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+    )
 
 
 def apply_lstm_cell(
@@ -590,8 +590,9 @@ def apply_lstm_cell(
     b_hh: Tensor | None,
 ) -> tuple[Tensor, ...]:
     """:class:`LstmCellFunction` applied (its jvp-less twin under torch.compile)."""
-    function = _CompiledLstmCellFunction if torch.compiler.is_compiling() else LstmCellFunction
-    return _apply(function, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    return _apply(
+        LstmCellFunction, _CompiledLstmCellFunction, input, hx, cx, w_ih, w_hh, b_ih, b_hh
+    )
 
 
 # The forward ops' own autograd (torch.library), for direct callers of torch.ops.lstm_ext.

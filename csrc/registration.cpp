@@ -1,4 +1,4 @@
-// The one registration site of the lstm_ext operator schemas. Kernels are registered per device at
+// The one registration site of the lstm_ext operator schemas (LSTM and GRU). Kernels are registered per device at
 // the end of cpu/lstm_ops.cpp and cuda/lstm_ops.cpp; fake (meta) kernels and autograd formulas in
 // lstm_ext/ops.py.
 //
@@ -37,4 +37,28 @@ TORCH_LIBRARY(lstm_ext, m) {
       "_lstm_cell_backward(Tensor grad_h, Tensor grad_c, Tensor input, Tensor hx, Tensor cx, "
       "Tensor w_ih, Tensor w_hh, Tensor c, Tensor saved_gates) -> (Tensor grad_input, "
       "Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+
+  // The GRU, as torch.nn.GRU stores it: w_ih [3H, C], w_hh [3H, H], b_ih/b_hh [3H], gate order
+  // r, z, n. One layer, one direction: input [T, N, C] (or packed, as lstm_forward), h0 [N, H] ->
+  // output [T, N, H], h_n [N, H], and when training the activated gates [T, N, 3H] and
+  // saved_hidden_n [T, N, H] (W_hn h_{t-1} + b_hn, which r multiplies); empty otherwise.
+  m.def(
+      "gru_forward(Tensor input, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "bool reverse, bool training, Tensor? batch_sizes=None) -> (Tensor output, Tensor h_n, "
+      "Tensor saved_gates, Tensor saved_hidden_n)");
+  // Gradients of gru_forward; the bias gradients differ in their n rows.
+  m.def(
+      "_gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor w_ih, "
+      "Tensor w_hh, Tensor output, Tensor saved_gates, Tensor saved_hidden_n, bool reverse, "
+      "Tensor? batch_sizes=None) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, "
+      "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
+  // One step, as torch.nn.GRUCell: input [N, C], hx [N, H] -> h [N, H], and when training the
+  // activated gates [N, 3H] and saved_hidden_n [N, H] (empty otherwise).
+  m.def(
+      "gru_cell_forward(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, bool training) -> (Tensor h, Tensor saved_gates, Tensor saved_hidden_n)");
+  m.def(
+      "_gru_cell_backward(Tensor grad_h, Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, "
+      "Tensor saved_gates, Tensor saved_hidden_n) -> (Tensor grad_input, Tensor grad_hx, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
 }

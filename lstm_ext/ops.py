@@ -22,10 +22,16 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "GruCellFunction",
+    "GruLayerFunction",
     "LstmCellFunction",
     "LstmLayerFunction",
+    "apply_gru_cell",
+    "apply_gru_layer",
     "apply_lstm_cell",
     "apply_lstm_layer",
+    "gru_cell_forward",
+    "gru_forward",
     "lstm_cell_forward",
     "lstm_forward",
 ]
@@ -747,4 +753,256 @@ def _lstm_backward_vmap(info, in_dims, *args):
 def _lstm_cell_backward_vmap(info, in_dims, *args):
     return _per_sample(
         torch.ops.lstm_ext._lstm_cell_backward.default, info.batch_size, list(args), list(in_dims)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The GRU's ops: wrappers, fake kernels and first-order autograd. Their gradients run the fused
+# backward ops; unlike the LSTM's they are once-differentiable (a double backward raises) and have
+# no vmap rule or forward mode yet.
+
+
+def gru_forward(
+    input: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    reverse: bool = False,
+    training: bool = False,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One GRU layer in one direction over a whole sequence, as :func:`lstm_forward`.
+
+    Args:
+        input: ``[T, N, C]``, or a packed batch ``[rows, C]`` when batch_sizes is given.
+        h0: ``[N, H]``. w_ih: ``[3H, C]``. w_hh: ``[3H, H]``. b_ih, b_hh: ``[3H]`` or both None.
+
+    Returns:
+        ``(output [T, N, H], h_n [N, H], saved_gates, saved_hidden_n)``; when training
+        saved_gates ``[T, N, 3H]`` (activated r, z, n) and saved_hidden_n ``[T, N, H]``
+        (``W_hn h_{t-1} + b_hn``), packed: ``[rows, ...]``; empty otherwise.
+    """
+    return torch.ops.lstm_ext.gru_forward.default(
+        input, h0, w_ih, w_hh, b_ih, b_hh, reverse, training, batch_sizes
+    )
+
+
+def gru_cell_forward(
+    input: Tensor,
+    hx: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    training: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One GRU step, as ``torch.nn.GRUCell``: input ``[N, C]``, hx ``[N, H]``.
+
+    Returns ``(h [N, H], saved_gates [N, 3H], saved_hidden_n [N, H])``, the last two empty unless
+    training.
+    """
+    return torch.ops.lstm_ext.gru_cell_forward.default(input, hx, w_ih, w_hh, b_ih, b_hh, training)
+
+
+@torch.library.register_fake("lstm_ext::gru_forward")
+def _gru_forward_fake(input, h0, w_ih, w_hh, b_ih, b_hh, reverse, training, batch_sizes=None):
+    hidden = w_hh.shape[1]
+    steps = input.shape[:-1]  # (T, N), or (rows,) when packed
+    output = input.new_empty(*steps, hidden)
+    h_n = input.new_empty(h0.shape[0], hidden)
+    if not training:
+        return output, h_n, input.new_empty(0), input.new_empty(0)
+    return output, h_n, input.new_empty(*steps, 3 * hidden), input.new_empty(*steps, hidden)
+
+
+@torch.library.register_fake("lstm_ext::_gru_backward")
+def _gru_backward_fake(
+    grad_output, grad_h_n, input, h0, w_ih, w_hh, output, saved_gates, saved_hidden_n, reverse,
+    batch_sizes=None,
+):
+    return (
+        input.new_empty(input.shape),
+        h0.new_empty(h0.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        w_hh.new_empty(w_hh.shape[0]),
+        w_hh.new_empty(w_hh.shape[0]),
+    )
+
+
+@torch.library.register_fake("lstm_ext::gru_cell_forward")
+def _gru_cell_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, training):
+    batch, hidden = input.shape[0], w_hh.shape[1]
+    if not training:
+        return input.new_empty(batch, hidden), input.new_empty(0), input.new_empty(0)
+    return (
+        input.new_empty(batch, hidden),
+        input.new_empty(batch, 3 * hidden),
+        input.new_empty(batch, hidden),
+    )
+
+
+@torch.library.register_fake("lstm_ext::_gru_cell_backward")
+def _gru_cell_backward_fake(grad_h, input, hx, w_ih, w_hh, saved_gates, saved_hidden_n):
+    return (
+        input.new_empty(input.shape),
+        hx.new_empty(hx.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        w_hh.new_empty(w_hh.shape[0]),
+        w_hh.new_empty(w_hh.shape[0]),
+    )
+
+
+_GruLayerInputs = tuple  # (input, h0, w_ih, w_hh, b_ih, b_hh); b_* may be None
+_GruCellInputs = tuple  # (input, hx, w_ih, w_hh, b_ih, b_hh); b_* may be None
+
+
+def _save_gru_layer(
+    ctx: Any, inputs: _GruLayerInputs, batch_sizes: Tensor | None, reverse: bool, output: tuple
+) -> None:
+    out, _h_n, saved_gates, saved_hidden_n = output
+    ctx.save_for_backward(*inputs, batch_sizes, out, saved_gates, saved_hidden_n)
+    ctx.reverse = reverse
+    ctx.mark_non_differentiable(saved_gates, saved_hidden_n)
+    ctx.set_materialize_grads(False)
+
+
+@torch.autograd.function.once_differentiable
+def _gru_layer_gradients(
+    ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """The gradients of one GRU layer, in _GruLayerInputs' order."""
+    input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, out, saved_gates, saved_hidden_n = (
+        ctx.saved_tensors
+    )
+    if saved_gates.numel() == 0 and out.numel() > 0:
+        # Called with training=False yet differentiated: recompute (see _layer_gradients).
+        out, _, saved_gates, saved_hidden_n = gru_forward(
+            input, h0, w_ih, w_hh, b_ih, b_hh, ctx.reverse, True, batch_sizes
+        )
+    grads = torch.ops.lstm_ext._gru_backward.default(
+        _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, h0), input, h0, w_ih, w_hh,
+        out, saved_gates, saved_hidden_n, ctx.reverse, batch_sizes,
+    )
+    grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = grads
+    if b_ih is None:
+        grad_b_ih = grad_b_hh = None
+    return grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+
+
+def _save_gru_cell(ctx: Any, inputs: _GruCellInputs, output: tuple) -> None:
+    _h, saved_gates, saved_hidden_n = output
+    ctx.save_for_backward(*inputs, saved_gates, saved_hidden_n)
+    ctx.mark_non_differentiable(saved_gates, saved_hidden_n)
+    ctx.set_materialize_grads(False)
+
+
+@torch.autograd.function.once_differentiable
+def _gru_cell_gradients(ctx: Any, grad_h: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The gradients of one GRU step, in _GruCellInputs' order."""
+    input, hx, w_ih, w_hh, b_ih, b_hh, saved_gates, saved_hidden_n = ctx.saved_tensors
+    if grad_h is None:
+        return (None,) * 6
+    if saved_gates.numel() == 0 and hx.numel() > 0:
+        _, saved_gates, saved_hidden_n = gru_cell_forward(input, hx, w_ih, w_hh, b_ih, b_hh, True)
+    grads = torch.ops.lstm_ext._gru_cell_backward.default(
+        grad_h, input, hx, w_ih, w_hh, saved_gates, saved_hidden_n
+    )
+    grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = grads
+    if b_ih is None:
+        grad_b_ih = grad_b_hh = None
+    return grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+
+
+class GruLayerFunction(torch.autograd.Function):
+    """One GRU layer in one direction (``gru_forward`` with training=True), differentiable once.
+
+    ``GruLayerFunction.apply(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)`` returns
+    ``gru_forward``'s four outputs.
+    """
+
+    @staticmethod
+    def forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
+        return gru_forward(input, h0, w_ih, w_hh, b_ih, b_hh, reverse, True, batch_sizes)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        *layer_inputs, batch_sizes, reverse = inputs
+        _save_gru_layer(ctx, tuple(layer_inputs), batch_sizes, reverse, output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output, grad_h_n, *_saved) -> tuple:
+        return (*_gru_layer_gradients(ctx, grad_output, grad_h_n), None, None)
+
+
+class GruCellFunction(torch.autograd.Function):
+    """One GRU step (``gru_cell_forward`` with training=True), differentiable once.
+
+    ``GruCellFunction.apply(input, hx, w_ih, w_hh, b_ih, b_hh)`` returns (h, saved_gates,
+    saved_hidden_n).
+    """
+
+    @staticmethod
+    def forward(input, hx, w_ih, w_hh, b_ih, b_hh):
+        return gru_cell_forward(input, hx, w_ih, w_hh, b_ih, b_hh, True)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        _save_gru_cell(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_h, *_saved) -> tuple:
+        return _gru_cell_gradients(ctx, grad_h)
+
+
+def apply_gru_layer(
+    input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, batch_sizes: Tensor | None, reverse: bool,
+) -> tuple[Tensor, ...]:
+    """:class:`GruLayerFunction` applied."""
+    return GruLayerFunction.apply(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+
+
+def apply_gru_cell(
+    input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """:class:`GruCellFunction` applied."""
+    return GruCellFunction.apply(input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+def _gru_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    input, h0, w_ih, w_hh, b_ih, b_hh, reverse, _training, *rest = inputs
+    batch_sizes = rest[0] if rest else None
+    _save_gru_layer(ctx, (input, h0, w_ih, w_hh, b_ih, b_hh), batch_sizes, reverse, output)
+
+
+def _gru_forward_backward(ctx: Any, grad_output, grad_h_n, *_saved) -> tuple:
+    # In the op's argument order: ..., b_ih, b_hh, reverse, training, batch_sizes.
+    return (*_gru_layer_gradients(ctx, grad_output, grad_h_n), None, None, None)
+
+
+def _gru_cell_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    _save_gru_cell(ctx, inputs[:6], output)
+
+
+def _gru_cell_forward_backward(ctx: Any, grad_h, *_saved) -> tuple:
+    return (*_gru_cell_gradients(ctx, grad_h), None)
+
+
+torch.library.register_autograd(
+    "lstm_ext::gru_forward", _gru_forward_backward, setup_context=_gru_forward_setup_context
+)
+torch.library.register_autograd(
+    "lstm_ext::gru_cell_forward",
+    _gru_cell_forward_backward,
+    setup_context=_gru_cell_forward_setup_context,
+)
+for _name in ("_gru_backward", "_gru_cell_backward"):
+    torch.library.register_autograd(
+        f"lstm_ext::{_name}", _refuse_raw_backward_differentiation(_name),
+        setup_context=_no_context,
     )

@@ -1,4 +1,4 @@
-// LSTM gate math, written once for host and device.
+// The cells' unit math (LSTM, GRU), written once for host and device.
 //
 // Every function here is a template over the value type `V`: the CUDA kernels instantiate it with a
 // scalar (float, or double for float64; half types compute in float), the CPU pass with a SIMD vector
@@ -94,6 +94,69 @@ LSTM_HOST_DEVICE inline CellBackwardResult<V> lstm_cell_backward_unit(const Gate
   r.d_f = d_c_total * c_prev * a.f * (one - a.f);
   r.d_c_prev = d_c_total * a.f;
   return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GRU, torch.nn.GRU's form. Gate order r, z, n. The recurrent product of the n gate, W_hn h + b_hn,
+// stays apart from the input's until r multiplies it:
+//   r = σ(W_ir x + b_ir + W_hr h + b_hr),  z = σ(W_iz x + b_iz + W_hz h + b_hz),
+//   n = tanh(W_in x + b_in + r * (W_hn h + b_hn)),  h' = (1 − z) n + z h = n + z (h − n).
+
+// What the GEMMs give one unit: the full pre-activations of r and z, and the two halves of n's.
+template <typename V>
+struct GruPreActivations {
+  V r, z;      // both products and both biases
+  V input_n;   // W_in x + b_in
+  V hidden_n;  // W_hn h + b_hn
+};
+
+// What training saves for backward: the activated r, z, n (hidden_n is saved beside them).
+template <typename V>
+struct GruActivations {
+  V r, z, n;
+};
+
+template <typename V>
+struct GruForwardResult {
+  GruActivations<V> gates;
+  V h;  // h_t
+};
+
+template <typename V>
+LSTM_HOST_DEVICE inline GruForwardResult<V> gru_cell_forward_unit(const GruPreActivations<V>& pre,
+                                                                  V h_prev) {
+  using Act = Activations<V>;
+  GruForwardResult<V> result;
+  result.gates.r = Act::sigmoid(pre.r);
+  result.gates.z = Act::sigmoid(pre.z);
+  result.gates.n = Act::tanh(pre.input_n + result.gates.r * pre.hidden_n);
+  // ATen's fused GRU cell computes n + z (h − n), one multiply fewer than (1 − z) n + z h.
+  result.h = result.gates.n + result.gates.z * (h_prev - result.gates.n);
+  return result;
+}
+
+template <typename V>
+struct GruBackwardResult {
+  V d_r, d_z;     // d loss / d pre-activation of r and z (both GEMMs alike)
+  V d_input_n;    // d loss / d (W_in x + b_in)
+  V d_hidden_n;   // d loss / d (W_hn h + b_hn) = d_input_n * r
+  V d_h_prev;     // the direct part of d loss / d h_{t-1} (z d_h); W_hh's product adds the rest
+};
+
+// The mirror of gru_cell_forward_unit, from the saved activations and hidden_n.
+//   d_h: total gradient reaching h_t (from the output, from step t+1's GEMM and its direct path)
+template <typename V>
+LSTM_HOST_DEVICE inline GruBackwardResult<V> gru_cell_backward_unit(const GruActivations<V>& a,
+                                                                    V hidden_n, V h_prev, V d_h) {
+  const V one(1);
+  GruBackwardResult<V> result;
+  const V d_n = d_h * (one - a.z);
+  result.d_z = d_h * (h_prev - a.n) * a.z * (one - a.z);
+  result.d_input_n = d_n * (one - a.n * a.n);
+  result.d_hidden_n = result.d_input_n * a.r;
+  result.d_r = result.d_input_n * hidden_n * a.r * (one - a.r);
+  result.d_h_prev = d_h * a.z;
+  return result;
 }
 
 }  // namespace

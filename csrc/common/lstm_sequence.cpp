@@ -58,8 +58,34 @@ void StepBackend::forward_step(const at::Tensor& h_prev, at::Tensor& gates,
   kernels_.forward_step(args, gates.scalar_type());
 }
 
-void StepBackend::recurrent_gradient(const at::Tensor& d_gates, at::Tensor& d_h) {
-  at::mm_out(d_h, d_gates, w_hh_);
+void StepBackend::gru_forward_step(const at::Tensor& h_prev, at::Tensor& gates,
+                                   const at::Tensor& bias_hn, at::Tensor& hidden_n, at::Tensor& h,
+                                   bool training) {
+  if (gates.size(0) == 0) {
+    return;
+  }
+  // The n rows of the recurrent product must stay apart from the input's until r multiplies
+  // them, so the product goes to a buffer of its own rather than onto the gates.
+  const at::Tensor recurrent = at::mm(h_prev, w_hh_.t());
+  const GruForwardStepArgs args{gates.data_ptr(),
+                                recurrent.const_data_ptr(),
+                                bias_hn.defined() ? bias_hn.const_data_ptr() : nullptr,
+                                h_prev.const_data_ptr(),
+                                training ? hidden_n.data_ptr() : nullptr,
+                                h.data_ptr(),
+                                gates.size(0),
+                                h.size(1),
+                                training};
+  kernels_.gru_forward_step(args, gates.scalar_type());
+}
+
+void StepBackend::recurrent_gradient(const at::Tensor& d_gates, at::Tensor& d_h,
+                                     bool accumulate) {
+  if (accumulate) {
+    d_h.addmm_(d_gates, w_hh_);
+  } else {
+    at::mm_out(d_h, d_gates, w_hh_);
+  }
 }
 
 void StepBackend::project(const at::Tensor& hidden, at::Tensor& h) {
@@ -97,34 +123,37 @@ struct LayerSizes {
   int64_t proj;
 };
 
-// Checks the weights and biases against input features C.
-LayerSizes check_weights(const char* op, const at::Tensor& input, int64_t input_features,
-                         const at::Tensor& w_ih, const at::Tensor& w_hh,
+// Checks the weights and biases of a `cell` layer against input features C. The messages write
+// the LSTM's shapes with 4H rows, the GRU's with 3H.
+LayerSizes check_weights(Cell cell, const char* op, const at::Tensor& input,
+                         int64_t input_features, const at::Tensor& w_ih, const at::Tensor& w_hh,
                          const std::optional<at::Tensor>& b_ih,
                          const std::optional<at::Tensor>& b_hh,
                          const std::optional<at::Tensor>& w_hr) {
+  const int64_t gates = gate_count(cell);
+  const bool lstm = cell == Cell::kLstm;
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
               ": expected a floating-point input, got dtype ", input.scalar_type());
   LayerSizes sizes{};
   if (w_hr.has_value()) {
     TORCH_CHECK(w_hr->dim() == 2, op, ": expected w_hr of shape [P, H], got ", w_hr->sizes());
     sizes = {w_hr->size(1), w_hr->size(0)};
-    check_shape(op, w_hh, "w_hh", {4 * sizes.hidden, sizes.proj}, "[4H, P]");
+    check_shape(op, w_hh, "w_hh", {gates * sizes.hidden, sizes.proj}, "[4H, P]");
     check_same_device_and_dtype(op, input, "input", *w_hr, "w_hr");
   } else {
-    TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * w_hh.size(1), op,
-                ": expected w_hh of shape [4H, H], got ", w_hh.sizes());
+    TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), op,
+                ": expected w_hh of shape ", lstm ? "[4H, H]" : "[3H, H]", ", got ", w_hh.sizes());
     sizes = {w_hh.size(1), w_hh.size(1)};
   }
   const int64_t hidden = sizes.hidden;
-  check_shape(op, w_ih, "w_ih", {4 * hidden, input_features}, "[4H, C]");
+  check_shape(op, w_ih, "w_ih", {gates * hidden, input_features}, lstm ? "[4H, C]" : "[3H, C]");
   check_same_device_and_dtype(op, input, "input", w_ih, "w_ih");
   check_same_device_and_dtype(op, input, "input", w_hh, "w_hh");
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), op,
               ": b_ih and b_hh must be given together or both omitted");
   if (b_ih.has_value()) {
-    check_shape(op, *b_ih, "b_ih", {4 * hidden}, "[4H]");
-    check_shape(op, *b_hh, "b_hh", {4 * hidden}, "[4H]");
+    check_shape(op, *b_ih, "b_ih", {gates * hidden}, lstm ? "[4H]" : "[3H]");
+    check_shape(op, *b_hh, "b_hh", {gates * hidden}, lstm ? "[4H]" : "[3H]");
     check_same_device_and_dtype(op, input, "input", *b_ih, "b_ih");
     check_same_device_and_dtype(op, input, "input", *b_hh, "b_hh");
   }
@@ -270,37 +299,51 @@ at::Tensor previous_state(const at::Tensor& states, const at::Tensor& initial, a
   return joined_state(join, row_block(states, layout.offset(prev_t), prev_rows), initial, rows);
 }
 
-// The loop itself, on 2-D buffers: x [rows, C] contiguous; returns (output [rows, P], h_n [N, P],
-// c_n [N, H], gates [rows, 4H], cells [rows, H], hidden [rows, H]), the last three as documented
-// for lstm_forward.
-ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layout,
-                                     const at::Tensor& h0, const at::Tensor& c0,
-                                     const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                     const std::optional<at::Tensor>& b_ih,
-                                     const std::optional<at::Tensor>& b_hh,
-                                     const std::optional<at::Tensor>& w_hr, bool reverse,
-                                     bool training, StepBackend& backend) {
+// The loop itself, on 2-D buffers, for either cell: x [rows, C] contiguous; returns (output
+// [rows, P], h_n [N, P], c_n [N, H], gates [rows, G*H], cells [rows, H], hidden [rows, H]), the
+// last three as documented for lstm_forward. The GRU (c0 undefined, no projections) returns no c_n,
+// and in `cells` its W_hn h_{t-1} + b_hn.
+ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout& layout,
+                                const at::Tensor& h0, const at::Tensor& c0,
+                                const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                const std::optional<at::Tensor>& b_ih,
+                                const std::optional<at::Tensor>& b_hh,
+                                const std::optional<at::Tensor>& w_hr, bool reverse,
+                                bool training, StepBackend& backend) {
   // The buffers and views below are internal: without this guard every view or in-place op on
   // them would also do autograd view bookkeeping (microseconds per step, felt at small sizes).
   at::AutoDispatchBelowADInplaceOrView no_view_tracking;
+  const bool lstm = cell == Cell::kLstm;
+  const int64_t gates_per_unit = gate_count(cell);
   const int64_t steps = layout.steps, batch = layout.batch, rows = layout.rows;
-  const int64_t hidden = w_hh.size(0) / 4, proj = w_hh.size(1);
+  const int64_t hidden = w_hh.size(0) / gates_per_unit, proj = w_hh.size(1);
   const bool projected = w_hr.has_value();
   const auto options = x.options();
 
-  const std::optional<at::Tensor> bias =
-      b_ih.has_value() ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
+  // Both biases go into the input projection, except the GRU's b_hn, which r multiplies.
+  std::optional<at::Tensor> bias;
+  at::Tensor bias_hn;
+  if (b_ih.has_value()) {
+    if (lstm) {
+      bias = *b_ih + *b_hh;
+    } else {
+      bias = b_ih->clone(at::MemoryFormat::Contiguous);
+      bias->narrow(0, 0, 2 * hidden).add_(b_hh->narrow(0, 0, 2 * hidden));
+      bias_hn = b_hh->narrow(0, 2 * hidden, hidden).contiguous();
+    }
+  }
   // A padded batch without projections may run its whole recurrence in one call to the backend,
   // which may also compute each step's input projection itself; the step loop further down is the
   // general case.
   const bool whole_recurrence_possible = !projected && !layout.packed();
   const bool fused_input = whole_recurrence_possible &&
-                           backend.fuses_input_projection(batch, x.size(1), hidden);
-  // Otherwise: the input projection of all timesteps in one GEMM, both biases folded in:
-  // [rows, C] x [C, 4H]. Each step's recurrent GEMM then accumulates into this buffer in place,
-  // and the pointwise pass overwrites it with the activated gates when training, so it doubles as
-  // the saved gates.
-  at::Tensor gates = training || !fused_input ? backend.empty_buffer({rows, 4 * hidden}, options)
+                           backend.fuses_input_projection(cell, batch, x.size(1), hidden);
+  // Otherwise: the input projection of all timesteps in one GEMM, the biases folded in:
+  // [rows, C] x [C, G*H]. Each LSTM step's recurrent GEMM then accumulates into this buffer in
+  // place, and the pointwise pass overwrites it with the activated gates when training, so it
+  // doubles as the saved gates.
+  const int64_t gate_width = gates_per_unit * hidden;
+  at::Tensor gates = training || !fused_input ? backend.empty_buffer({rows, gate_width}, options)
                                               : at::Tensor();
   if (!fused_input) {
     // Named scopes show up in torch.profiler: where a step's time goes (benchmarks/README.md).
@@ -309,31 +352,34 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
   }
 
   at::Tensor output = at::empty({rows, proj}, options);
+  // The LSTM's c_t, the GRU's W_hn h_{t-1} + b_hn: kept for every step when training.
   at::Tensor cells = training ? backend.empty_buffer({rows, hidden}, options) : at::Tensor();
   // With projections, o * tanh(c_t) before the projection: kept for every step when training
   // (backward needs it for grad_w_hr), else one step's scratch.
   at::Tensor unprojected =
       projected ? backend.empty_buffer({training ? rows : batch, hidden}, options) : at::Tensor();
   const at::Tensor h0_c = h0.contiguous();
-  const at::Tensor c0_c = c0.contiguous();
+  const at::Tensor c0_c = lstm ? c0.contiguous() : at::Tensor();
   at::Tensor h_n = at::empty({batch, proj}, options);
   // Inference keeps one running cell state, updated in place from c0: its rows of sequences that
   // have ended keep their final state, so it ends as c_n.
-  at::Tensor c_n = at::empty({batch, hidden}, options);
-  if (!training) {
+  at::Tensor c_n = lstm ? at::empty({batch, hidden}, options) : at::Tensor();
+  if (lstm && !training) {
     c_n.copy_(c0_c);
   }
   at::Tensor h_join, c_join;
 
   RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
-  backend.begin_forward(w_hh.contiguous());
+  backend.begin_forward(w_hh.contiguous(), cell);
   if (projected) {
     backend.begin_projection(w_hr->contiguous());
   }
   bool whole_recurrence = false;
   if (whole_recurrence_possible) {
     const at::Tensor w_ih_c = fused_input ? w_ih.contiguous() : at::Tensor();
-    const ForwardRecurrenceArgs args{steps,
+    void* cells_ptr = training ? cells.data_ptr() : (lstm ? c_n.data_ptr() : nullptr);
+    const ForwardRecurrenceArgs args{cell,
+                                     steps,
                                      batch,
                                      hidden,
                                      reverse,
@@ -343,10 +389,11 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
                                      fused_input ? w_ih_c.const_data_ptr() : nullptr,
                                      fused_input && bias ? bias->const_data_ptr() : nullptr,
                                      x.size(1),
+                                     bias_hn.defined() ? bias_hn.const_data_ptr() : nullptr,
                                      h0_c.const_data_ptr(),
-                                     c0_c.const_data_ptr(),
+                                     lstm ? c0_c.const_data_ptr() : nullptr,
                                      output.data_ptr(),
-                                     training ? cells.data_ptr() : c_n.data_ptr()};
+                                     cells_ptr};
     whole_recurrence = backend.forward_recurrence(args);
     TORCH_INTERNAL_ASSERT(whole_recurrence || !fused_input,
                           "a backend that fuses the input projection must run the recurrence");
@@ -355,7 +402,7 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
     // Every sequence ends at the last step processed.
     const int64_t last_offset = step_time(steps - 1, steps, reverse) * batch;
     h_n.copy_(row_block(output, last_offset, batch));
-    if (training) {
+    if (lstm && training) {
       c_n.copy_(row_block(cells, last_offset, batch));
     }
   }
@@ -363,29 +410,38 @@ ForwardResult lstm_forward_unchecked(const at::Tensor& x, const StepLayout& layo
     const int64_t t = step_time(k, steps, reverse);
     const int64_t n = layout.size(t), offset = layout.offset(t);
     const at::Tensor h_prev = previous_state(output, h0_c, h_join, layout, k, reverse);
-    const at::Tensor c_prev = training ? previous_state(cells, c0_c, c_join, layout, k, reverse)
-                                       : row_block(c_n, 0, n);
     at::Tensor gates_t = row_block(gates, offset, n);
-    at::Tensor c_t = training ? row_block(cells, offset, n) : row_block(c_n, 0, n);
     at::Tensor h_t = row_block(output, offset, n);
-    if (projected) {
-      at::Tensor u_t = row_block(unprojected, training ? offset : 0, n);
-      backend.forward_step(h_prev, gates_t, c_prev, c_t, u_t, training);
-      backend.project(u_t, h_t);
+    at::Tensor c_t;
+    if (!lstm) {
+      at::Tensor hidden_n_t = training ? row_block(cells, offset, n) : at::Tensor();
+      backend.gru_forward_step(h_prev, gates_t, bias_hn, hidden_n_t, h_t, training);
     } else {
-      backend.forward_step(h_prev, gates_t, c_prev, c_t, h_t, training);
+      const at::Tensor c_prev = training ? previous_state(cells, c0_c, c_join, layout, k, reverse)
+                                         : row_block(c_n, 0, n);
+      c_t = training ? row_block(cells, offset, n) : row_block(c_n, 0, n);
+      if (projected) {
+        at::Tensor u_t = row_block(unprojected, training ? offset : 0, n);
+        backend.forward_step(h_prev, gates_t, c_prev, c_t, u_t, training);
+        backend.project(u_t, h_t);
+      } else {
+        backend.forward_step(h_prev, gates_t, c_prev, c_t, h_t, training);
+      }
     }
     // The sequences whose last step this is (rows the next step no longer has): final states.
     const int64_t next_n = k + 1 < steps ? layout.size(step_time(k + 1, steps, reverse)) : 0;
     if (next_n < n) {
       row_block(h_n, next_n, n - next_n).copy_(row_block(h_t, next_n, n - next_n));
-      if (training) {
+      if (lstm && training) {
         row_block(c_n, next_n, n - next_n).copy_(row_block(c_t, next_n, n - next_n));
       }
     }
   }
   // Distinct empty tensors: an op's outputs must not alias one another.
   const auto none = [&] { return at::empty({0}, options); };
+  if (!lstm) {
+    c_n = none();
+  }
   if (!training) {
     return {output, h_n, c_n, none(), none(), none()};
   }
@@ -415,34 +471,45 @@ at::Tensor gather_previous_hidden(const at::Tensor& output, const at::Tensor& h0
   return previous;
 }
 
-// The backward loop on 2-D buffers (see lstm_forward_unchecked). `output` [rows, P] may be
-// undefined when T = 1 (it only supplies h_{t-1} for steps after the first).
-BackwardResult lstm_backward_unchecked(const at::Tensor& d_out, const at::Tensor& grad_h_n,
-                                       const at::Tensor& grad_c_n, const at::Tensor& x,
-                                       const StepLayout& layout, const at::Tensor& h0,
-                                       const at::Tensor& c0, const at::Tensor& w_ih,
-                                       const at::Tensor& w_hh,
-                                       const std::optional<at::Tensor>& w_hr,
-                                       const at::Tensor& output, const at::Tensor& gates,
-                                       const at::Tensor& cells, const at::Tensor& unprojected,
-                                       bool reverse, StepBackend& backend) {
+// What the backward loop returns, for either cell. The LSTM's two bias gradients are one
+// (grad_b_ih = grad_b_hh); the GRU's differ in the n rows; grad_c0 and grad_w_hr are the LSTM's.
+struct LayerGradients {
+  at::Tensor grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
+};
+
+// The backward loop on 2-D buffers (see forward_unchecked). `output` [rows, P] may be undefined
+// when T = 1 (it only supplies h_{t-1} for steps after the first). For the GRU, c0 is undefined
+// and `cells` holds the saved W_hn h_{t-1} + b_hn.
+LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::Tensor& grad_h_n,
+                                  const at::Tensor& grad_c_n, const at::Tensor& x,
+                                  const StepLayout& layout, const at::Tensor& h0,
+                                  const at::Tensor& c0, const at::Tensor& w_ih,
+                                  const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                                  const at::Tensor& output, const at::Tensor& gates,
+                                  const at::Tensor& cells, const at::Tensor& unprojected,
+                                  bool reverse, StepBackend& backend) {
   // The buffers and views below are internal: without this guard every view or in-place op on
   // them would also do autograd view bookkeeping (microseconds per step, felt at small sizes).
   at::AutoDispatchBelowADInplaceOrView no_view_tracking;
+  const bool lstm = cell == Cell::kLstm;
+  const int64_t gates_per_unit = gate_count(cell);
   const int64_t steps = layout.steps, batch = layout.batch, rows = layout.rows;
   const int64_t features = x.size(1);
-  const int64_t hidden = w_hh.size(0) / 4, proj = w_hh.size(1);
+  const int64_t hidden = w_hh.size(0) / gates_per_unit, proj = w_hh.size(1);
   const bool projected = w_hr.has_value();
   const auto options = x.options();
 
-  at::Tensor d_gates = backend.empty_buffer({rows, 4 * hidden}, options);
-  // d_h starts as grad_h_n and is then overwritten each step by d_gates[t] W_hh; after the last
-  // step it is grad_h0. d_c is updated in place by the pointwise pass and ends as grad_c0. A step
-  // touches only its own rows: in a packed batch the rows of sequences that have not started (in
-  // backward order) still hold grad_h_n / grad_c_n, and those of sequences that have ended hold
-  // their final grad_h0 / grad_c0.
+  // The gradients the W_hh GEMMs take (for the GRU, of W_hn h + b_hn in the n rows) and, for the
+  // GRU, apart, those of W_in x + b_in, which W_ih's GEMMs take in the n rows.
+  at::Tensor d_gates = backend.empty_buffer({rows, gates_per_unit * hidden}, options);
+  at::Tensor d_input_n = lstm ? at::Tensor() : backend.empty_buffer({rows, hidden}, options);
+  // d_h starts as grad_h_n and is then overwritten each step by d_gates[t] W_hh (the GRU adds the
+  // direct part z * d_h_t); after the last step it is grad_h0. The LSTM's d_c is updated in place
+  // by the pointwise pass and ends as grad_c0. A step touches only its own rows: in a packed batch
+  // the rows of sequences that have not started (in backward order) still hold grad_h_n /
+  // grad_c_n, and those of sequences that have ended hold their final grad_h0 / grad_c0.
   at::Tensor d_h = grad_h_n.contiguous().clone();
-  at::Tensor d_c = grad_c_n.contiguous().clone();
+  at::Tensor d_c = lstm ? grad_c_n.contiguous().clone() : at::Tensor();
   // With projections: the total gradient reaching each step's projected h_t [rows, P] (kept for
   // grad_w_hr), its image through the projection [N, H], and zeros standing in for the recurrent
   // gradient, which the total already includes.
@@ -453,28 +520,32 @@ BackwardResult lstm_backward_unchecked(const at::Tensor& d_out, const at::Tensor
     zeros = at::zeros({batch, hidden}, options);
   }
   const at::Tensor h0_c = h0.contiguous();
-  const at::Tensor c0_c = c0.contiguous();
-  at::Tensor c_join;
+  const at::Tensor c0_c = lstm ? c0.contiguous() : at::Tensor();
+  at::Tensor c_join, h_join;
 
   {
     RECORD_FUNCTION("lstm_ext::recurrence_backward", std::vector<c10::IValue>());
-    backend.begin_backward(w_hh.contiguous());
+    backend.begin_backward(w_hh.contiguous(), cell);
     if (projected) {
       backend.begin_projection(w_hr->contiguous());
     }
     bool whole_recurrence = false;
-    if (!projected && !layout.packed()) {
-      const BackwardRecurrenceArgs args{steps,
+    if (!projected && !layout.packed() && (steps == 1 || output.defined())) {
+      const BackwardRecurrenceArgs args{cell,
+                                        steps,
                                         batch,
                                         hidden,
                                         reverse,
                                         gates.const_data_ptr(),
                                         cells.const_data_ptr(),
-                                        c0_c.const_data_ptr(),
+                                        lstm ? c0_c.const_data_ptr() : nullptr,
+                                        h0_c.const_data_ptr(),
+                                        output.defined() ? output.const_data_ptr() : nullptr,
                                         d_out.const_data_ptr(),
                                         d_gates.data_ptr(),
+                                        lstm ? nullptr : d_input_n.data_ptr(),
                                         d_h.data_ptr(),
-                                        d_c.data_ptr()};
+                                        lstm ? d_c.data_ptr() : nullptr};
       whole_recurrence = backend.backward_recurrence(args);
     }
     // Backward visits the steps in the opposite order of the forward recurrence.
@@ -482,10 +553,27 @@ BackwardResult lstm_backward_unchecked(const at::Tensor& d_out, const at::Tensor
       const int64_t forward_k = steps - 1 - k;
       const int64_t t = step_time(forward_k, steps, reverse);
       const int64_t n = layout.size(t), offset = layout.offset(t);
-      const at::Tensor c_prev = previous_state(cells, c0_c, c_join, layout, forward_k, reverse);
       at::Tensor d_gates_t = row_block(d_gates, offset, n);
       at::Tensor d_h_t = row_block(d_h, 0, n);
       const at::Tensor d_out_t = row_block(d_out, offset, n);
+      if (!lstm) {
+        const at::Tensor h_prev = previous_state(output, h0_c, h_join, layout, forward_k, reverse);
+        if (n > 0) {
+          const GruBackwardStepArgs args{row_block(gates, offset, n).const_data_ptr(),
+                                         row_block(cells, offset, n).const_data_ptr(),
+                                         h_prev.const_data_ptr(),
+                                         d_out_t.const_data_ptr(),
+                                         d_h_t.data_ptr(),
+                                         d_gates_t.data_ptr(),
+                                         row_block(d_input_n, offset, n).data_ptr(),
+                                         n,
+                                         hidden};
+          backend.gru_backward_pointwise(args, x.scalar_type());
+        }
+        backend.recurrent_gradient(d_gates_t, d_h_t, /*accumulate=*/true);
+        continue;
+      }
+      const at::Tensor c_prev = previous_state(cells, c0_c, c_join, layout, forward_k, reverse);
       const void* d_h_output = d_out_t.const_data_ptr();
       const void* d_h_recurrent = d_h_t.const_data_ptr();
       if (projected) {
@@ -508,18 +596,35 @@ BackwardResult lstm_backward_unchecked(const at::Tensor& d_out, const at::Tensor
                                     hidden};
         backend.backward_pointwise(args, x.scalar_type());
       }
-      backend.recurrent_gradient(d_gates_t, d_h_t);
+      backend.recurrent_gradient(d_gates_t, d_h_t, /*accumulate=*/false);
     }
   }
 
   // Weight and input gradients as large GEMMs over all timesteps.
   RECORD_FUNCTION("lstm_ext::weight_gradients", std::vector<c10::IValue>());
-  at::Tensor grad_input = at::empty({rows, features}, options);
-  backend.matmul(d_gates, w_ih, grad_input, /*accumulate=*/false);
-  at::Tensor grad_w_ih = at::empty({4 * hidden, features}, options);
-  at::Tensor grad_bias;
-  backend.weight_gradient(d_gates, x, grad_w_ih, &grad_bias);
-  at::Tensor grad_w_hh = at::empty({4 * hidden, proj}, options);
+  LayerGradients grads;
+  grads.grad_input = at::empty({rows, features}, options);
+  grads.grad_w_ih = at::empty({gates_per_unit * hidden, features}, options);
+  if (lstm) {
+    backend.matmul(d_gates, w_ih, grads.grad_input, /*accumulate=*/false);
+    backend.weight_gradient(d_gates, x, grads.grad_w_ih, &grads.grad_b_hh);
+    grads.grad_b_ih = grads.grad_b_hh;
+  } else {
+    // W_ih's r and z rows take the gradients W_hh's do; its n rows those of W_in x + b_in.
+    const at::Tensor d_rz = d_gates.narrow(1, 0, 2 * hidden);
+    backend.matmul(d_rz, w_ih.narrow(0, 0, 2 * hidden), grads.grad_input, /*accumulate=*/false);
+    backend.matmul(d_input_n, w_ih.narrow(0, 2 * hidden, hidden), grads.grad_input,
+                   /*accumulate=*/true);
+    at::Tensor grad_w_rz = grads.grad_w_ih.narrow(0, 0, 2 * hidden);
+    at::Tensor grad_w_n = grads.grad_w_ih.narrow(0, 2 * hidden, hidden);
+    at::Tensor grad_b_rz, grad_b_input_n;
+    backend.weight_gradient(d_rz, x, grad_w_rz, &grad_b_rz);
+    backend.weight_gradient(d_input_n, x, grad_w_n, &grad_b_input_n);
+    grads.grad_b_ih = at::cat({grad_b_rz, grad_b_input_n});
+    grads.grad_b_hh = at::cat({grad_b_rz, d_gates.narrow(1, 2 * hidden, hidden).sum(0)});
+  }
+  grads.grad_w_hh = at::empty({gates_per_unit * hidden, proj}, options);
+  at::Tensor& grad_w_hh = grads.grad_w_hh;
   if (layout.packed()) {
     backend.matmul(d_gates.t(), gather_previous_hidden(output, h0_c, layout, reverse), grad_w_hh,
                    /*accumulate=*/false);
@@ -536,12 +641,14 @@ BackwardResult lstm_backward_unchecked(const at::Tensor& d_out, const at::Tensor
       backend.matmul(later_d_gates.t(), their_h_prev, grad_w_hh, /*accumulate=*/true);
     }
   }
-  at::Tensor grad_w_hr = at::empty({0}, options);
+  grads.grad_w_hr = at::empty({0}, options);
   if (projected) {
-    grad_w_hr = at::empty({proj, hidden}, options);
-    backend.matmul(d_h_total.t(), unprojected, grad_w_hr, /*accumulate=*/false);
+    grads.grad_w_hr = at::empty({proj, hidden}, options);
+    backend.matmul(d_h_total.t(), unprojected, grads.grad_w_hr, /*accumulate=*/false);
   }
-  return {grad_input, d_h, d_c, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+  grads.grad_h0 = d_h;
+  grads.grad_c0 = lstm ? d_c : at::empty({0}, options);
+  return grads;
 }
 
 }  // namespace
@@ -558,13 +665,14 @@ ForwardResult lstm_forward(const at::Tensor& input, const at::Tensor& h0, const 
   constexpr const char* op = "lstm_ext::lstm_forward";
   const StepLayout layout = input_layout(op, input, batch_sizes);
   const int64_t features = input.size(-1);
-  const LayerSizes sizes = check_weights(op, input, features, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const LayerSizes sizes =
+      check_weights(Cell::kLstm, op, input, features, w_ih, w_hh, b_ih, b_hh, w_hr);
   const char* h_shape = w_hr.has_value() ? "[N, P]" : "[N, H]";
   check_state(op, input, h0, "h0", layout.batch, sizes.proj, h_shape);
   check_state(op, input, c0, "c0", layout.batch, sizes.hidden, "[N, H]");
   auto [output, h_n, c_n, gates, cells, hidden] =
-      lstm_forward_unchecked(flatten(input, layout, features), layout, h0, c0, w_ih, w_hh, b_ih,
-                             b_hh, w_hr, reverse, training, backend);
+      forward_unchecked(Cell::kLstm, flatten(input, layout, features), layout, h0, c0, w_ih, w_hh,
+                        b_ih, b_hh, w_hr, reverse, training, backend);
   return {unflatten(output, layout), h_n, c_n, unflatten(gates, layout), unflatten(cells, layout),
           unflatten(hidden, layout)};
 }
@@ -582,7 +690,8 @@ BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& gr
   const StepLayout layout = input_layout(op, input, batch_sizes);
   const int64_t features = input.size(-1), batch = layout.batch;
   const LayerSizes sizes =
-      check_weights(op, input, features, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+      check_weights(Cell::kLstm, op, input, features, w_ih, w_hh, std::nullopt, std::nullopt,
+                    w_hr);
   const int64_t hidden = sizes.hidden, proj = sizes.proj;
   TORCH_CHECK(saved_gates.numel() > 0 || batch == 0, op,
               ": the forward pass was run with training=False, so nothing was saved for backward");
@@ -616,13 +725,13 @@ BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& gr
     check_per_step(*saved_hidden, "saved_hidden", hidden, "H]");
     unprojected = flatten(*saved_hidden, layout, hidden);
   }
-  auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
-      lstm_backward_unchecked(flatten(grad_output, layout, proj), grad_h_n, grad_c_n,
-                              flatten(input, layout, features), layout, h0, c0, w_ih, w_hh, w_hr,
-                              flatten(output, layout, proj), flatten(saved_gates, layout, 4 * hidden),
-                              flatten(saved_cells, layout, hidden), unprojected, reverse, backend);
-  return {unflatten(grad_input, layout), grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias,
-          grad_w_hr};
+  const LayerGradients grads = backward_unchecked(
+      Cell::kLstm, flatten(grad_output, layout, proj), grad_h_n, grad_c_n,
+      flatten(input, layout, features), layout, h0, c0, w_ih, w_hh, w_hr,
+      flatten(output, layout, proj), flatten(saved_gates, layout, 4 * hidden),
+      flatten(saved_cells, layout, hidden), unprojected, reverse, backend);
+  return {unflatten(grads.grad_input, layout), grads.grad_h0, grads.grad_c0, grads.grad_w_ih,
+          grads.grad_w_hh, grads.grad_b_hh, grads.grad_w_hr};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
@@ -632,13 +741,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
   constexpr const char* op = "lstm_ext::lstm_cell_forward";
   TORCH_CHECK(input.dim() == 2, op, ": expected input of shape [N, C], got ", input.sizes());
   const int64_t hidden =
-      check_weights(op, input, input.size(1), w_ih, w_hh, b_ih, b_hh, std::nullopt).hidden;
+      check_weights(Cell::kLstm, op, input, input.size(1), w_ih, w_hh, b_ih, b_hh, std::nullopt)
+          .hidden;
   check_state(op, input, hx, "hx", input.size(0), hidden, "[N, H]");
   check_state(op, input, cx, "cx", input.size(0), hidden, "[N, H]");
   // A single step is a sequence of length 1: the same GEMMs and the same pointwise pass.
-  auto [output, h, c, saved_gates, saved_cells, saved_hidden] = lstm_forward_unchecked(
-      input.contiguous(), padded_layout(1, input.size(0)), hx, cx, w_ih, w_hh, b_ih, b_hh,
-      std::nullopt, /*reverse=*/false, training, backend);
+  auto [output, h, c, saved_gates, saved_cells, saved_hidden] = forward_unchecked(
+      Cell::kLstm, input.contiguous(), padded_layout(1, input.size(0)), hx, cx, w_ih, w_hh, b_ih,
+      b_hh, std::nullopt, /*reverse=*/false, training, backend);
   return {h, c, saved_gates};
 }
 
@@ -651,7 +761,8 @@ lstm_cell_backward(const at::Tensor& grad_h, const at::Tensor& grad_c, const at:
   TORCH_CHECK(input.dim() == 2, op, ": expected input of shape [N, C], got ", input.sizes());
   const int64_t batch = input.size(0);
   const int64_t hidden =
-      check_weights(op, input, input.size(1), w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt)
+      check_weights(Cell::kLstm, op, input, input.size(1), w_ih, w_hh, std::nullopt, std::nullopt,
+                    std::nullopt)
           .hidden;
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{hx, "hx"},
                                 {cx, "cx"}, {grad_h, "grad_h"}, {grad_c, "grad_c"}, {c, "c"}}) {
@@ -662,12 +773,113 @@ lstm_cell_backward(const at::Tensor& grad_h, const at::Tensor& grad_c, const at:
   // With T = 1 the incoming h gradient can enter as grad_h_n; output[0] gets a zero gradient, and
   // `output` is never read (it only supplies h_{t-1} for steps after the first).
   const at::Tensor zero_grad_output = at::zeros({batch, hidden}, input.options());
-  auto [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
-      lstm_backward_unchecked(zero_grad_output, grad_h, grad_c, input.contiguous(),
-                              padded_layout(1, batch), hx, cx, w_ih, w_hh, std::nullopt,
-                              /*output=*/at::Tensor(), saved_gates.contiguous(), c.contiguous(),
-                              /*unprojected=*/at::Tensor(), /*reverse=*/false, backend);
-  return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias};
+  const LayerGradients grads = backward_unchecked(
+      Cell::kLstm, zero_grad_output, grad_h, grad_c, input.contiguous(), padded_layout(1, batch),
+      hx, cx, w_ih, w_hh, std::nullopt, /*output=*/at::Tensor(), saved_gates.contiguous(),
+      c.contiguous(), /*unprojected=*/at::Tensor(), /*reverse=*/false, backend);
+  return {grads.grad_input, grads.grad_h0, grads.grad_c0, grads.grad_w_ih, grads.grad_w_hh,
+          grads.grad_b_hh};
+}
+
+// The GRU's entry points: the same checks and loop, with the GRU's shapes.
+
+GruLayerResult gru_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
+                           const std::optional<at::Tensor>& batch_sizes, StepBackend& backend) {
+  constexpr const char* op = "lstm_ext::gru_forward";
+  const StepLayout layout = input_layout(op, input, batch_sizes);
+  const int64_t features = input.size(-1);
+  const int64_t hidden =
+      check_weights(Cell::kGru, op, input, features, w_ih, w_hh, b_ih, b_hh, std::nullopt).hidden;
+  check_state(op, input, h0, "h0", layout.batch, hidden, "[N, H]");
+  auto [output, h_n, c_n, gates, hidden_n, unprojected] =
+      forward_unchecked(Cell::kGru, flatten(input, layout, features), layout, h0, at::Tensor(),
+                        w_ih, w_hh, b_ih, b_hh, std::nullopt, reverse, training, backend);
+  return {unflatten(output, layout), h_n, unflatten(gates, layout), unflatten(hidden_n, layout)};
+}
+
+GruGradients gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                          const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                          const at::Tensor& w_hh, const at::Tensor& output,
+                          const at::Tensor& saved_gates, const at::Tensor& saved_hidden_n,
+                          bool reverse, const std::optional<at::Tensor>& batch_sizes,
+                          StepBackend& backend) {
+  constexpr const char* op = "lstm_ext::_gru_backward";
+  const StepLayout layout = input_layout(op, input, batch_sizes);
+  const int64_t features = input.size(-1), batch = layout.batch;
+  const int64_t hidden = check_weights(Cell::kGru, op, input, features, w_ih, w_hh, std::nullopt,
+                                       std::nullopt, std::nullopt)
+                             .hidden;
+  TORCH_CHECK(saved_gates.numel() > 0 || batch == 0, op,
+              ": the forward pass was run with training=False, so nothing was saved for backward");
+  check_state(op, input, h0, "h0", batch, hidden, "[N, H]");
+  check_state(op, input, grad_h_n, "grad_h_n", batch, hidden, "[N, H]");
+  const std::vector<int64_t> rows =
+      layout.packed() ? std::vector<int64_t>{layout.rows} : std::vector<int64_t>{layout.steps, batch};
+  const char* rows_text = layout.packed() ? "[rows, " : "[T, N, ";
+  for (const auto& [t, name, width, width_text] :
+       {std::tuple<const at::Tensor&, const char*, int64_t, const char*>{grad_output, "grad_output",
+                                                                         hidden, "H]"},
+        {output, "output", hidden, "H]"},
+        {saved_gates, "saved_gates", 3 * hidden, "3H]"},
+        {saved_hidden_n, "saved_hidden_n", hidden, "H]"}}) {
+    std::vector<int64_t> expected = rows;
+    expected.push_back(width);
+    check_shape(op, t, name, expected, (std::string(rows_text) + width_text).c_str());
+    check_same_device_and_dtype(op, input, "input", t, name);
+  }
+  const LayerGradients grads = backward_unchecked(
+      Cell::kGru, flatten(grad_output, layout, hidden), grad_h_n, at::Tensor(),
+      flatten(input, layout, features), layout, h0, at::Tensor(), w_ih, w_hh, std::nullopt,
+      flatten(output, layout, hidden), flatten(saved_gates, layout, 3 * hidden),
+      flatten(saved_hidden_n, layout, hidden), at::Tensor(), reverse, backend);
+  return {unflatten(grads.grad_input, layout), grads.grad_h0, grads.grad_w_ih, grads.grad_w_hh,
+          grads.grad_b_ih, grads.grad_b_hh};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool training,
+    StepBackend& backend) {
+  constexpr const char* op = "lstm_ext::gru_cell_forward";
+  TORCH_CHECK(input.dim() == 2, op, ": expected input of shape [N, C], got ", input.sizes());
+  const int64_t hidden =
+      check_weights(Cell::kGru, op, input, input.size(1), w_ih, w_hh, b_ih, b_hh, std::nullopt)
+          .hidden;
+  check_state(op, input, hx, "hx", input.size(0), hidden, "[N, H]");
+  auto [output, h, c, saved_gates, saved_hidden_n, unprojected] = forward_unchecked(
+      Cell::kGru, input.contiguous(), padded_layout(1, input.size(0)), hx, at::Tensor(), w_ih,
+      w_hh, b_ih, b_hh, std::nullopt, /*reverse=*/false, training, backend);
+  // h is h_n, not output[0] (the same values), so that no output aliases another.
+  return {h, saved_gates, saved_hidden_n};
+}
+
+GruGradients gru_cell_backward(const at::Tensor& grad_h, const at::Tensor& input,
+                               const at::Tensor& hx, const at::Tensor& w_ih,
+                               const at::Tensor& w_hh, const at::Tensor& saved_gates,
+                               const at::Tensor& saved_hidden_n, StepBackend& backend) {
+  constexpr const char* op = "lstm_ext::_gru_cell_backward";
+  TORCH_CHECK(input.dim() == 2, op, ": expected input of shape [N, C], got ", input.sizes());
+  const int64_t batch = input.size(0);
+  const int64_t hidden = check_weights(Cell::kGru, op, input, input.size(1), w_ih, w_hh,
+                                       std::nullopt, std::nullopt, std::nullopt)
+                             .hidden;
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{hx, "hx"},
+                                {grad_h, "grad_h"}, {saved_hidden_n, "saved_hidden_n"}}) {
+    check_state(op, input, t, name, batch, hidden, "[N, H]");
+  }
+  check_shape(op, saved_gates, "saved_gates", {batch, 3 * hidden}, "[N, 3H]");
+  check_same_device_and_dtype(op, input, "input", saved_gates, "saved_gates");
+  // As lstm_cell_backward: the incoming gradient enters as grad_h_n of a one-step sequence.
+  const at::Tensor zero_grad_output = at::zeros({batch, hidden}, input.options());
+  const LayerGradients grads = backward_unchecked(
+      Cell::kGru, zero_grad_output, grad_h, at::Tensor(), input.contiguous(),
+      padded_layout(1, batch), hx, at::Tensor(), w_ih, w_hh, std::nullopt,
+      /*output=*/at::Tensor(), saved_gates.contiguous(), saved_hidden_n.contiguous(),
+      /*unprojected=*/at::Tensor(), /*reverse=*/false, backend);
+  return {grads.grad_input, grads.grad_h0, grads.grad_w_ih, grads.grad_w_hh, grads.grad_b_ih,
+          grads.grad_b_hh};
 }
 
 }  // namespace lstm_ext

@@ -1,6 +1,8 @@
 // The device-agnostic half of every lstm_ext operator: input checks, the time loop and its GEMMs.
 //
-// The time loop is written once. How it multiplies is a StepBackend: the default one issues ATen
+// The time loop is written once, for every cell (common/pointwise_step.h's Cell: the LSTM and the
+// GRU); what differs per cell is the width of the gates (4H or 3H), which state it carries besides
+// h_t, and its pointwise passes. How it multiplies is a StepBackend: the default one issues ATen
 // GEMMs (MKL on CPU, cuBLAS on the current stream on CUDA) and calls the device's fused pointwise
 // passes, which a device supplies as a PointwiseKernels table. A device may subclass StepBackend
 // to do better (the CPU float32 path fuses each step's GEMM with its pointwise pass over weights
@@ -35,38 +37,48 @@ inline int64_t step_time(int64_t k, int64_t steps, bool reverse) {
 // call (StepBackend::forward_recurrence / backward_recurrence). Contiguous buffers, raw pointers;
 // rows of step t start at row t * N. Shapes as for lstm_forward, with P = H.
 struct ForwardRecurrenceArgs {
+  Cell cell;
   int64_t steps;     // T
   int64_t batch;     // N
   int64_t hidden;    // H
   bool reverse;      // run t = T-1 down to 0
   bool training;     // save the activated gates in place of the pre-activations
-  // [T*N, 4H] in: input projection and biases (unless the backend fuses it, see below); out when
-  // training: activations. Null when the projection is fused and not training.
+  // [T*N, G*H] (G = gate_count(cell)) in: input projection and biases (unless the backend fuses
+  // it, see below; the GRU's b_hn is apart, in bias_hn); out when training: activations. Null when
+  // the projection is fused and not training.
   void* gates;
   // Set only when the backend said it fuses the input projection (fuses_input_projection): each
   // step then computes x_t W_ih^T + bias + h_{t-1} W_hh^T itself.
   const void* input;  // [T*N, C]
   const void* w_ih;   // [4H, C], contiguous
-  const void* bias;   // [4H] (b_ih + b_hh), or null without biases
+  const void* bias;   // [G*H] (LSTM: b_ih + b_hh; GRU: b_ih + b_hh but b_hn), or null
   int64_t features;   // C
+  const void* bias_hn;  // GRU: [H] b_hn, or null without biases
   const void* h0;    // [N, H]
-  const void* c0;    // [N, H]
+  const void* c0;    // LSTM: [N, H]
   void* output;      // [T*N, H] out: h_t
-  void* cells;       // training: [T*N, H] out: c_t; inference: [N, H], c0 in, c_n out (in place)
+  // LSTM: training: [T*N, H] out: c_t; inference: [N, H], c0 in, c_n out (in place).
+  // GRU: training: [T*N, H] out: W_hn h_{t-1} + b_hn; inference: null.
+  void* cells;
 };
 
 struct BackwardRecurrenceArgs {
+  Cell cell;
   int64_t steps;
   int64_t batch;
   int64_t hidden;
   bool reverse;
-  const void* gates;     // [T*N, 4H] saved activations
-  const void* cells;     // [T*N, H]  saved c_t
-  const void* c0;        // [N, H]
+  const void* gates;     // [T*N, G*H] saved activations
+  const void* cells;     // [T*N, H]  saved c_t (LSTM) or W_hn h_{t-1} + b_hn (GRU)
+  const void* c0;        // LSTM: [N, H]
+  const void* h0;        // GRU: [N, H]
+  const void* output;    // GRU: [T*N, H] the forward output (h_{t-1} of the steps after the first)
   const void* d_output;  // [T*N, H]  gradient of the output
-  void* d_gates;         // [T*N, 4H] out: gradient of the gate pre-activations
+  void* d_gates;         // [T*N, G*H] out: gradient of the gate pre-activations (GRU: d r, d z
+                         // and d (W_hn h_{t-1} + b_hn), the gradient the W_hh GEMMs take)
+  void* d_input_n;       // GRU: [T*N, H] out: gradient of W_in x_t + b_in
   void* d_h;             // [N, H]    in: grad_h_n; out: grad_h0
-  void* d_c;             // [N, H]    in: grad_c_n; out: grad_c0
+  void* d_c;             // LSTM: [N, H] in: grad_c_n; out: grad_c0
 };
 
 // Allocates one of the loop's large buffers (saved gates and cell states, gradients of the gates).
@@ -95,13 +107,22 @@ class StepBackend {
   virtual void project_input(const at::Tensor& x, const at::Tensor& w_ih,
                              const std::optional<at::Tensor>& bias, at::Tensor& out);
 
-  // Called once before a forward time loop with that loop's w_hh [4H, P].
-  virtual void begin_forward(const at::Tensor& w_hh) { w_hh_ = w_hh; }
+  // Called once before a forward time loop with that loop's w_hh [G*H, P] and cell.
+  virtual void begin_forward(const at::Tensor& w_hh, Cell cell) {
+    w_hh_ = w_hh;
+    cell_ = cell;
+  }
   // One forward step: gates [N, 4H] += h_prev [N, P] W_hh^T, then the fused pointwise pass
   // (c [N, H] and h [N, H] = o * tanh(c) out; activated gates in place of `gates` when training).
   // With projections `h` is the un-projected o * tanh(c), which project() then maps to h_t.
   virtual void forward_step(const at::Tensor& h_prev, at::Tensor& gates, const at::Tensor& c_prev,
                             at::Tensor& c, at::Tensor& h, bool training);
+  // The GRU's forward step: gates [N, 3H] (input projection, b_hr and b_hz folded in) and
+  // h_prev [N, H] W_hh^T with bias_hn [H] (undefined without biases) give h [N, H]; when training
+  // the activated r, z, n replace `gates` and hidden_n [N, H] receives W_hn h_prev + b_hn.
+  virtual void gru_forward_step(const at::Tensor& h_prev, at::Tensor& gates,
+                                const at::Tensor& bias_hn, at::Tensor& hidden_n, at::Tensor& h,
+                                bool training);
 
   // The whole forward recurrence in one call, after begin_forward. A backend that can do better
   // than T calls of forward_step (the CPU one keeps its threads, and each thread its slice of
@@ -111,19 +132,26 @@ class StepBackend {
   // Whether forward_recurrence computes each step's input projection itself rather than reading
   // it from one GEMM over all steps done before. A yes binds forward_recurrence to run (and
   // return true) for a padded batch without projections of these sizes.
-  virtual bool fuses_input_projection(int64_t /*batch*/, int64_t /*features*/,
+  virtual bool fuses_input_projection(Cell /*cell*/, int64_t /*batch*/, int64_t /*features*/,
                                       int64_t /*hidden*/) const {
     return false;
   }
 
-  // Called once before a backward time loop with that loop's w_hh [4H, P].
-  virtual void begin_backward(const at::Tensor& w_hh) { w_hh_ = w_hh; }
+  // Called once before a backward time loop with that loop's w_hh [G*H, P] and cell.
+  virtual void begin_backward(const at::Tensor& w_hh, Cell cell) {
+    w_hh_ = w_hh;
+    cell_ = cell;
+  }
   // The backward pointwise pass of one step.
   void backward_pointwise(const BackwardStepArgs& args, c10::ScalarType dtype) const {
     kernels_.backward_step(args, dtype);
   }
-  // d_h [N, P] = d_gates [N, 4H] W_hh: the gradient that reaches h_{t-1} through step t.
-  virtual void recurrent_gradient(const at::Tensor& d_gates, at::Tensor& d_h);
+  void gru_backward_pointwise(const GruBackwardStepArgs& args, c10::ScalarType dtype) const {
+    kernels_.gru_backward_step(args, dtype);
+  }
+  // d_h [N, P] (+)= d_gates [N, G*H] W_hh: the gradient that reaches h_{t-1} through step t's
+  // GEMM; the GRU accumulates it onto the direct part its pointwise pass left in d_h.
+  virtual void recurrent_gradient(const at::Tensor& d_gates, at::Tensor& d_h, bool accumulate);
 
   // The whole backward recurrence in one call, after begin_backward; as forward_recurrence.
   virtual bool backward_recurrence(const BackwardRecurrenceArgs& /*args*/) { return false; }
@@ -139,6 +167,7 @@ class StepBackend {
  protected:
   PointwiseKernels kernels_;
   BufferAllocator allocate_buffer_ = nullptr;
+  Cell cell_ = Cell::kLstm;
   at::Tensor w_hh_;
   at::Tensor w_hr_;
 };
@@ -187,5 +216,38 @@ lstm_cell_backward(const at::Tensor& grad_h, const at::Tensor& grad_c, const at:
                    const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                    const at::Tensor& w_hh, const at::Tensor& c, const at::Tensor& saved_gates,
                    StepBackend& backend);
+
+// The GRU layer, as lstm_forward without projections: input [T, N, C] (or packed), h0 [N, H],
+// w_ih [3H, C], w_hh [3H, H], b_ih/b_hh [3H] or none. Returns (output [T, N, H], h_n [N, H],
+// saved_gates [T, N, 3H] (activated r, z, n), saved_hidden_n [T, N, H] (W_hn h_{t-1} + b_hn)), the
+// saved tensors empty unless training.
+using GruLayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+GruLayerResult gru_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
+                           const std::optional<at::Tensor>& batch_sizes, StepBackend& backend);
+
+// Gradients of gru_forward: (grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh).
+// The two bias gradients differ in their n rows (b_hn sits inside r's product).
+using GruGradients =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+GruGradients gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                          const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih,
+                          const at::Tensor& w_hh, const at::Tensor& output,
+                          const at::Tensor& saved_gates, const at::Tensor& saved_hidden_n,
+                          bool reverse, const std::optional<at::Tensor>& batch_sizes,
+                          StepBackend& backend);
+
+// One step, as torch.nn.GRUCell: input [N, C], hx [N, H] -> (h [N, H], saved_gates [N, 3H],
+// saved_hidden_n [N, H]; both empty unless training).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool training,
+    StepBackend& backend);
+
+GruGradients gru_cell_backward(const at::Tensor& grad_h, const at::Tensor& input,
+                               const at::Tensor& hx, const at::Tensor& w_ih,
+                               const at::Tensor& w_hh, const at::Tensor& saved_gates,
+                               const at::Tensor& saved_hidden_n, StepBackend& backend);
 
 }  // namespace lstm_ext

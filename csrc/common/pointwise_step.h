@@ -12,7 +12,13 @@
 
 namespace lstm_ext {
 
-// One step of the forward pointwise pass, over N x H units. Raw pointers keep the device kernel
+// The cells the time loop runs. Both keep h_t; the LSTM also a cell state c_t.
+enum class Cell { kLstm, kGru };
+
+// Rows of w_ih and w_hh per hidden unit: the LSTM's i, f, g, o; the GRU's r, z, n.
+inline constexpr int64_t gate_count(Cell cell) { return cell == Cell::kLstm ? 4 : 3; }
+
+// One step of the LSTM's forward pointwise pass, over N x H units. Raw pointers keep the device kernel
 // files free of heavy headers; every buffer is contiguous, rows of length 4H (gates) or H.
 struct ForwardStepArgs {
   void* gates;         // [N, 4H] in: pre-activations (biases included); out, when training: activations
@@ -24,7 +30,7 @@ struct ForwardStepArgs {
   bool training;       // save the activated gates in place of the pre-activations
 };
 
-// One step of the backward pointwise pass.
+// One step of the LSTM's backward pointwise pass.
 struct BackwardStepArgs {
   const void* gates;        // [N, 4H] saved activations of step t
   const void* c;            // [N, H]  saved c_t
@@ -37,10 +43,42 @@ struct BackwardStepArgs {
   int64_t hidden;
 };
 
-// A device's pointwise passes. `dtype` is the tensors' scalar type; the kernels dispatch on it.
+// One step of the GRU's forward pointwise pass (see cell_math.h for the math).
+struct GruForwardStepArgs {
+  void* gates;             // [N, 3H] in: W_i x + b_i, with b_hr, b_hz folded in; out, when
+                           // training: the activated r, z, n
+  const void* recurrent;   // [N, 3H] h_{t-1} W_hh^T (no bias)
+  const void* bias_hn;     // [H] b_hn, or null without biases
+  const void* h_prev;      // [N, H] h_{t-1}
+  void* hidden_n;          // [N, H] out: W_hn h_{t-1} + b_hn, what backward needs beside the gates
+  void* h;                 // [N, H] out: h_t
+  int64_t batch;
+  int64_t hidden;
+  bool training;
+};
+
+// One step of the GRU's backward pointwise pass.
+struct GruBackwardStepArgs {
+  const void* gates;          // [N, 3H] saved r, z, n of step t
+  const void* hidden_n;       // [N, H]  saved W_hn h_{t-1} + b_hn
+  const void* h_prev;         // [N, H]  h_{t-1}
+  const void* d_h_output;     // [N, H]  gradient of output[t]
+  void* d_h;                  // [N, H]  in: gradient reaching h_t through step t+1; out: the
+                              //         direct part z * d_h_t of the gradient of h_{t-1}
+  void* d_gates;              // [N, 3H] out: d r, d z pre-activations and d hidden_n (the
+                              //         gradient W_hh's GEMMs take)
+  void* d_input_n;            // [N, H]  out: gradient of W_in x + b_in
+  int64_t batch;
+  int64_t hidden;
+};
+
+// A device's pointwise passes, per cell. `dtype` is the tensors' scalar type; the kernels
+// dispatch on it.
 struct PointwiseKernels {
   void (*forward_step)(const ForwardStepArgs& args, c10::ScalarType dtype);
   void (*backward_step)(const BackwardStepArgs& args, c10::ScalarType dtype);
+  void (*gru_forward_step)(const GruForwardStepArgs& args, c10::ScalarType dtype);
+  void (*gru_backward_step)(const GruBackwardStepArgs& args, c10::ScalarType dtype);
 };
 
 }  // namespace lstm_ext

@@ -345,10 +345,11 @@ class FusedFloatBackend final : public StepBackend {
     packed_gemm(a_operand, x.size(0), packed, output, /*accumulate=*/false);
   }
 
-  void begin_forward(const at::Tensor& w_hh) override {
-    StepBackend::begin_forward(w_hh);
-    hidden_ = w_hh.size(0) / 4;
-    if (hidden_ > 0 && w_hh.size(1) > 0) {
+  void begin_forward(const at::Tensor& w_hh, Cell cell) override {
+    StepBackend::begin_forward(w_hh, cell);
+    packed_w_hh_ = PackedB();
+    hidden_ = w_hh.size(0) / gate_count(cell);
+    if (cell == Cell::kLstm && hidden_ > 0 && w_hh.size(1) > 0) {
       // B = W_hh^T: element (k, col) = w_hh[col][k]; gate order for the fused epilogue.
       packed_w_hh_ = pack_b(w_hh.const_data_ptr<float>(), /*k_stride=*/1,
                             /*col_stride=*/w_hh.stride(0), w_hh.size(1), w_hh.size(0),
@@ -358,7 +359,7 @@ class FusedFloatBackend final : public StepBackend {
 
   void forward_step(const at::Tensor& h_prev, at::Tensor& gates, const at::Tensor& c_prev,
                     at::Tensor& c, at::Tensor& h, bool training) override {
-    if (packed_w_hh_.k == 0 || packed_w_hh_.panels == 0) {
+    if (cell_ != Cell::kLstm || packed_w_hh_.k == 0 || packed_w_hh_.panels == 0) {
       StepBackend::forward_step(h_prev, gates, c_prev, c, h, training);
       return;
     }
@@ -382,7 +383,7 @@ class FusedFloatBackend final : public StepBackend {
       return true;
     }
     const PackedB& b = packed_w_hh_;
-    if (b.k == 0 || b.panels == 0 || args.batch == 0) {
+    if (args.cell != Cell::kLstm || b.k == 0 || b.panels == 0 || args.batch == 0) {
       return false;
     }
     const int64_t batch = args.batch;
@@ -409,12 +410,14 @@ class FusedFloatBackend final : public StepBackend {
   // streamed through the cache T times for a few rows each time.
   static constexpr int64_t kMinBatchToFuseInput = 16;
 
-  bool fuses_input_projection(int64_t batch, int64_t features, int64_t hidden) const override {
-    return batch >= kMinBatchToFuseInput && features > 0 && hidden > 0;
+  bool fuses_input_projection(Cell cell, int64_t batch, int64_t features,
+                              int64_t hidden) const override {
+    return cell == Cell::kLstm && batch >= kMinBatchToFuseInput && features > 0 && hidden > 0;
   }
 
-  void begin_backward(const at::Tensor& w_hh) override {
-    StepBackend::begin_backward(w_hh);
+  void begin_backward(const at::Tensor& w_hh, Cell cell) override {
+    StepBackend::begin_backward(w_hh, cell);
+    packed_w_hh_ = PackedB();
     if (w_hh.size(0) > 0 && w_hh.size(1) > 0) {
       // B = W_hh [4H, K] as it is stored.
       packed_w_hh_ = pack_b(w_hh.const_data_ptr<float>(), /*k_stride=*/w_hh.stride(0),
@@ -427,7 +430,7 @@ class FusedFloatBackend final : public StepBackend {
   // thread's units, then a barrier.
   bool backward_recurrence(const BackwardRecurrenceArgs& args) override {
     const PackedB& b = packed_w_hh_;
-    if (b.k == 0 || b.panels == 0 || args.batch == 0) {
+    if (args.cell != Cell::kLstm || b.k == 0 || b.panels == 0 || args.batch == 0) {
       return false;
     }
     const int64_t batch = args.batch, hidden = args.hidden;
@@ -491,15 +494,14 @@ class FusedFloatBackend final : public StepBackend {
     return true;
   }
 
-  void recurrent_gradient(const at::Tensor& d_gates, at::Tensor& d_h) override {
+  void recurrent_gradient(const at::Tensor& d_gates, at::Tensor& d_h, bool accumulate) override {
     if (packed_w_hh_.k == 0 || packed_w_hh_.panels == 0) {
-      StepBackend::recurrent_gradient(d_gates, d_h);
+      StepBackend::recurrent_gradient(d_gates, d_h, accumulate);
       return;
     }
     const OperandA a_operand{d_gates.const_data_ptr<float>(), d_gates.stride(0), d_gates.stride(1)};
     packed_gemm(a_operand, d_gates.size(0), packed_w_hh_,
-                PlainOutput{d_h.data_ptr<float>(), d_h.stride(0), &packed_w_hh_},
-                /*accumulate=*/false);
+                PlainOutput{d_h.data_ptr<float>(), d_h.stride(0), &packed_w_hh_}, accumulate);
   }
 
  private:

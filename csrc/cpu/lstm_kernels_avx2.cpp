@@ -26,7 +26,8 @@ namespace lstm_ext::cpu {
 
 bool avx2_kernel_set(CpuKernelSet* set) {
   set->name = "AVX2";
-  set->pointwise = {&AVX2::forward_step, &AVX2::backward_step};
+  set->pointwise = {&AVX2::forward_step, &AVX2::backward_step, &AVX2::gru_forward_step,
+                   &AVX2::gru_backward_step};
   set->make_float_backend = &AVX2::make_fused_float_backend;
   return true;
 }

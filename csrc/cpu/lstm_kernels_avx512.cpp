@@ -35,7 +35,8 @@ namespace lstm_ext::cpu {
 
 bool avx512_kernel_set(CpuKernelSet* set) {
   set->name = "AVX512";
-  set->pointwise = {&AVX512::forward_step, &AVX512::backward_step};
+  set->pointwise = {&AVX512::forward_step, &AVX512::backward_step, &AVX512::gru_forward_step,
+                   &AVX512::gru_backward_step};
   set->make_float_backend = &AVX512::make_fused_float_backend;
   return true;
 }

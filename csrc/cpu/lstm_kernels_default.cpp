@@ -10,7 +10,8 @@ namespace lstm_ext::cpu {
 CpuKernelSet default_kernel_set() {
   CpuKernelSet set;
   set.name = "DEFAULT";
-  set.pointwise = {&DEFAULT::forward_step, &DEFAULT::backward_step};
+  set.pointwise = {&DEFAULT::forward_step, &DEFAULT::backward_step, &DEFAULT::gru_forward_step,
+                   &DEFAULT::gru_backward_step};
   return set;
 }
 

@@ -108,6 +108,41 @@ lstm_cell_backward_cpu(const at::Tensor& grad_h, const at::Tensor& grad_c, const
   return lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved_gates, backend);
 }
 
+GruLayerResult gru_forward_cpu(const at::Tensor& input, const at::Tensor& h0,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh,
+                               const std::optional<at::Tensor>& b_ih,
+                               const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
+                               const std::optional<at::Tensor>& batch_sizes) {
+  const auto backend = make_backend(input, batch_sizes);
+  return gru_forward(input, h0, w_ih, w_hh, b_ih, b_hh, reverse, training, batch_sizes, *backend);
+}
+
+GruGradients gru_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                              const at::Tensor& input, const at::Tensor& h0,
+                              const at::Tensor& w_ih, const at::Tensor& w_hh,
+                              const at::Tensor& output, const at::Tensor& saved_gates,
+                              const at::Tensor& saved_hidden_n, bool reverse,
+                              const std::optional<at::Tensor>& batch_sizes) {
+  const auto backend = make_backend(input, batch_sizes);
+  return gru_backward(grad_output, grad_h_n, input, h0, w_ih, w_hh, output, saved_gates,
+                      saved_hidden_n, reverse, batch_sizes, *backend);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_forward_cpu(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool training) {
+  StepBackend backend(kernel_set().pointwise);
+  return gru_cell_forward(input, hx, w_ih, w_hh, b_ih, b_hh, training, backend);
+}
+
+GruGradients gru_cell_backward_cpu(const at::Tensor& grad_h, const at::Tensor& input,
+                                   const at::Tensor& hx, const at::Tensor& w_ih,
+                                   const at::Tensor& w_hh, const at::Tensor& saved_gates,
+                                   const at::Tensor& saved_hidden_n) {
+  StepBackend backend(kernel_set().pointwise);
+  return gru_cell_backward(grad_h, input, hx, w_ih, w_hh, saved_gates, saved_hidden_n, backend);
+}
+
 }  // namespace
 
 // The instruction set of the CPU kernels in use, for lstm_ext.build_info().
@@ -120,4 +155,8 @@ TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
   m.impl("_lstm_backward", &lstm_ext::cpu::lstm_backward_cpu);
   m.impl("lstm_cell_forward", &lstm_ext::cpu::lstm_cell_forward_cpu);
   m.impl("_lstm_cell_backward", &lstm_ext::cpu::lstm_cell_backward_cpu);
+  m.impl("gru_forward", &lstm_ext::cpu::gru_forward_cpu);
+  m.impl("_gru_backward", &lstm_ext::cpu::gru_backward_cpu);
+  m.impl("gru_cell_forward", &lstm_ext::cpu::gru_cell_forward_cpu);
+  m.impl("_gru_cell_backward", &lstm_ext::cpu::gru_cell_backward_cpu);
 }

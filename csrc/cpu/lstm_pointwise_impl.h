@@ -198,6 +198,115 @@ void backward_step_typed(const BackwardStepArgs& a) {
   });
 }
 
+// The GRU's passes, laid out as the LSTM's above: SIMD body and scalar tail of each row through
+// the same cell_math.h functions.
+template <typename scalar_t, bool kTraining, typename V, typename Load, typename Store>
+inline void gru_forward_units(const GruForwardStepArgs& a, int64_t n, int64_t j, Load load,
+                              Store store) {
+  const int64_t hidden = a.hidden;
+  auto* gates = static_cast<scalar_t*>(a.gates) + n * 3 * hidden + j;
+  const auto* recurrent = static_cast<const scalar_t*>(a.recurrent) + n * 3 * hidden + j;
+  const int64_t unit = n * hidden + j;
+  V hidden_n = load(recurrent + 2 * hidden);
+  if (a.bias_hn != nullptr) {
+    hidden_n = hidden_n + load(static_cast<const scalar_t*>(a.bias_hn) + j);
+  }
+  const GruPreActivations<V> pre{load(gates) + load(recurrent),
+                                 load(gates + hidden) + load(recurrent + hidden),
+                                 load(gates + 2 * hidden), hidden_n};
+  const GruForwardResult<V> r =
+      gru_cell_forward_unit(pre, load(static_cast<const scalar_t*>(a.h_prev) + unit));
+  store(static_cast<scalar_t*>(a.h) + unit, r.h);
+  if constexpr (kTraining) {
+    store(gates, r.gates.r);
+    store(gates + hidden, r.gates.z);
+    store(gates + 2 * hidden, r.gates.n);
+    store(static_cast<scalar_t*>(a.hidden_n) + unit, hidden_n);
+  }
+}
+
+template <typename scalar_t, typename V, typename Load, typename Store>
+inline void gru_backward_units(const GruBackwardStepArgs& a, int64_t n, int64_t j, Load load,
+                               Store store) {
+  const int64_t hidden = a.hidden;
+  const auto* gates = static_cast<const scalar_t*>(a.gates) + n * 3 * hidden + j;
+  const int64_t unit = n * hidden + j;
+  auto* d_h = static_cast<scalar_t*>(a.d_h) + unit;
+  const V d_h_total = load(static_cast<const scalar_t*>(a.d_h_output) + unit) + load(d_h);
+  const GruActivations<V> act{load(gates), load(gates + hidden), load(gates + 2 * hidden)};
+  const GruBackwardResult<V> r = gru_cell_backward_unit(
+      act, load(static_cast<const scalar_t*>(a.hidden_n) + unit),
+      load(static_cast<const scalar_t*>(a.h_prev) + unit), d_h_total);
+  auto* d_gates = static_cast<scalar_t*>(a.d_gates) + n * 3 * hidden + j;
+  store(d_gates, r.d_r);
+  store(d_gates + hidden, r.d_z);
+  store(d_gates + 2 * hidden, r.d_hidden_n);
+  store(static_cast<scalar_t*>(a.d_input_n) + unit, r.d_input_n);
+  store(d_h, r.d_h_prev);
+}
+
+// Runs units(n, j, load, store) over every unit of an N x H step: SIMD vectors over the body of
+// each row, one value at a time over its tail.
+template <typename scalar_t, typename Units>
+void for_each_unit(int64_t batch, int64_t hidden, const Units& units) {
+  using IO = PointwiseIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  using compute_t = typename IO::compute_t;
+  constexpr int64_t kWidth = IO::kWidth;
+  const auto vec_load = [](const scalar_t* p) { return IO::load_vec(p); };
+  const auto vec_store = [](scalar_t* p, Vec v) { IO::store_vec(p, v); };
+  const auto scalar_load = [](const scalar_t* p) { return IO::load(p); };
+  const auto scalar_store = [](scalar_t* p, compute_t v) { IO::store(p, v); };
+  at::parallel_for(0, batch, rows_per_task(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      int64_t j = 0;
+      for (; j + kWidth <= hidden; j += kWidth) {
+        units.template operator()<Vec>(n, j, vec_load, vec_store);
+      }
+      for (; j < hidden; ++j) {
+        units.template operator()<compute_t>(n, j, scalar_load, scalar_store);
+      }
+    }
+  });
+}
+
+// for_each_unit's callables for the GRU passes.
+template <typename scalar_t, bool kTraining>
+struct GruForwardUnits {
+  const GruForwardStepArgs& args;
+  template <typename V, typename Load, typename Store>
+  void operator()(int64_t n, int64_t j, Load load, Store store) const {
+    gru_forward_units<scalar_t, kTraining, V>(args, n, j, load, store);
+  }
+};
+
+template <typename scalar_t>
+struct GruBackwardUnits {
+  const GruBackwardStepArgs& args;
+  template <typename V, typename Load, typename Store>
+  void operator()(int64_t n, int64_t j, Load load, Store store) const {
+    gru_backward_units<scalar_t, V>(args, n, j, load, store);
+  }
+};
+
+inline void gru_forward_step(const GruForwardStepArgs& args, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, dtype, "lstm_ext_cpu_gru_forward_step", [&] {
+        if (args.training) {
+          for_each_unit<scalar_t>(args.batch, args.hidden, GruForwardUnits<scalar_t, true>{args});
+        } else {
+          for_each_unit<scalar_t>(args.batch, args.hidden, GruForwardUnits<scalar_t, false>{args});
+        }
+      });
+}
+
+inline void gru_backward_step(const GruBackwardStepArgs& args, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, dtype, "lstm_ext_cpu_gru_backward_step", [&] {
+        for_each_unit<scalar_t>(args.batch, args.hidden, GruBackwardUnits<scalar_t>{args});
+      });
+}
+
 inline void forward_step(const ForwardStepArgs& args, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_ext_cpu_forward_step", [&] {
     if (args.training) {

@@ -75,6 +75,45 @@ lstm_cell_backward_cuda(const at::Tensor& grad_h, const at::Tensor& grad_c,
                             backend);
 }
 
+GruLayerResult gru_forward_cuda(const at::Tensor& input, const at::Tensor& h0,
+                                const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                const std::optional<at::Tensor>& b_ih,
+                                const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
+                                const std::optional<at::Tensor>& batch_sizes) {
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  StepBackend backend(pointwise_kernels());
+  return gru_forward(input, h0, w_ih, w_hh, b_ih, b_hh, reverse, training, batch_sizes, backend);
+}
+
+GruGradients gru_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                               const at::Tensor& input, const at::Tensor& h0,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh,
+                               const at::Tensor& output, const at::Tensor& saved_gates,
+                               const at::Tensor& saved_hidden_n, bool reverse,
+                               const std::optional<at::Tensor>& batch_sizes) {
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  StepBackend backend(pointwise_kernels());
+  return gru_backward(grad_output, grad_h_n, input, h0, w_ih, w_hh, output, saved_gates,
+                      saved_hidden_n, reverse, batch_sizes, backend);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_forward_cuda(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool training) {
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  StepBackend backend(pointwise_kernels());
+  return gru_cell_forward(input, hx, w_ih, w_hh, b_ih, b_hh, training, backend);
+}
+
+GruGradients gru_cell_backward_cuda(const at::Tensor& grad_h, const at::Tensor& input,
+                                    const at::Tensor& hx, const at::Tensor& w_ih,
+                                    const at::Tensor& w_hh, const at::Tensor& saved_gates,
+                                    const at::Tensor& saved_hidden_n) {
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  StepBackend backend(pointwise_kernels());
+  return gru_cell_backward(grad_h, input, hx, w_ih, w_hh, saved_gates, saved_hidden_n, backend);
+}
+
 }  // namespace
 }  // namespace lstm_ext::cuda
 
@@ -83,4 +122,8 @@ TORCH_LIBRARY_IMPL(lstm_ext, CUDA, m) {
   m.impl("_lstm_backward", &lstm_ext::cuda::lstm_backward_cuda);
   m.impl("lstm_cell_forward", &lstm_ext::cuda::lstm_cell_forward_cuda);
   m.impl("_lstm_cell_backward", &lstm_ext::cuda::lstm_cell_backward_cuda);
+  m.impl("gru_forward", &lstm_ext::cuda::gru_forward_cuda);
+  m.impl("_gru_backward", &lstm_ext::cuda::gru_backward_cuda);
+  m.impl("gru_cell_forward", &lstm_ext::cuda::gru_cell_forward_cuda);
+  m.impl("_gru_cell_backward", &lstm_ext::cuda::gru_cell_backward_cuda);
 }

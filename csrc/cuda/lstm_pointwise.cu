@@ -1,4 +1,4 @@
-// The CUDA pointwise passes of the LSTM time loop: one grid-stride kernel per step, forward and
+// The CUDA pointwise passes of the LSTM and GRU time loops: one grid-stride kernel per step, forward and
 // backward, over the N x H units of the step. Each unit's arithmetic is cell_math.h's, the same
 // functions the CPU pass runs, so only the index mapping and the launch here are GPU-only code.
 //
@@ -54,7 +54,9 @@ class UnitCursor {
     }
   }
   __device__ int64_t unit() const { return unit_; }  // offset in an [N, H] buffer
-  __device__ int64_t gate_offset() const { return n_ * 4 * hidden_ + j_; }  // of gate i in [N, 4H]
+  __device__ int64_t column() const { return j_; }    // j, the hidden unit
+  // Offset of the unit's first gate in a [N, gates * H] buffer (4 gates: LSTM, 3: GRU).
+  __device__ int64_t gate_offset(int64_t gates = 4) const { return n_ * gates * hidden_ + j_; }
 
  private:
   int64_t hidden_, unit_, stride_, n_, j_, stride_n_, stride_j_;
@@ -113,6 +115,65 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
+// The GRU's passes (gates rows [r | z | n]). `d_h` is read and overwritten in place by the unit
+// that owns the element (gradient of h_t in, the direct part of h_{t-1}'s out).
+template <typename scalar_t, bool kTraining>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    gru_forward_step_kernel(scalar_t* __restrict__ gates, const scalar_t* __restrict__ recurrent,
+                            const scalar_t* __restrict__ bias_hn,
+                            const scalar_t* __restrict__ h_prev, scalar_t* __restrict__ hidden_n,
+                            scalar_t* __restrict__ h, int64_t batch, int64_t hidden) {
+  using V = at::opmath_type<scalar_t>;
+  const int64_t units = batch * hidden;
+  for (UnitCursor u(hidden); u.in(units); u.next()) {
+    const int64_t k = u.unit();
+    scalar_t* g = gates + u.gate_offset(3);
+    const scalar_t* rec = recurrent + u.gate_offset(3);
+    V h_n = static_cast<V>(rec[2 * hidden]);
+    if (bias_hn != nullptr) {
+      h_n += static_cast<V>(bias_hn[u.column()]);
+    }
+    const GruPreActivations<V> pre{static_cast<V>(g[0]) + static_cast<V>(rec[0]),
+                                   static_cast<V>(g[hidden]) + static_cast<V>(rec[hidden]),
+                                   static_cast<V>(g[2 * hidden]), h_n};
+    const GruForwardResult<V> r = gru_cell_forward_unit(pre, static_cast<V>(h_prev[k]));
+    h[k] = static_cast<scalar_t>(r.h);
+    if constexpr (kTraining) {
+      g[0] = static_cast<scalar_t>(r.gates.r);
+      g[hidden] = static_cast<scalar_t>(r.gates.z);
+      g[2 * hidden] = static_cast<scalar_t>(r.gates.n);
+      hidden_n[k] = static_cast<scalar_t>(h_n);
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    gru_backward_step_kernel(const scalar_t* __restrict__ gates,
+                             const scalar_t* __restrict__ hidden_n,
+                             const scalar_t* __restrict__ h_prev,
+                             const scalar_t* __restrict__ d_h_output, scalar_t* __restrict__ d_h,
+                             scalar_t* __restrict__ d_gates, scalar_t* __restrict__ d_input_n,
+                             int64_t batch, int64_t hidden) {
+  using V = at::opmath_type<scalar_t>;
+  const int64_t units = batch * hidden;
+  for (UnitCursor u(hidden); u.in(units); u.next()) {
+    const int64_t k = u.unit();
+    const scalar_t* a = gates + u.gate_offset(3);
+    const GruActivations<V> act{static_cast<V>(a[0]), static_cast<V>(a[hidden]),
+                                static_cast<V>(a[2 * hidden])};
+    const V d_h_total = static_cast<V>(d_h_output[k]) + static_cast<V>(d_h[k]);
+    const GruBackwardResult<V> r = gru_cell_backward_unit(
+        act, static_cast<V>(hidden_n[k]), static_cast<V>(h_prev[k]), d_h_total);
+    scalar_t* dg = d_gates + u.gate_offset(3);
+    dg[0] = static_cast<scalar_t>(r.d_r);
+    dg[hidden] = static_cast<scalar_t>(r.d_z);
+    dg[2 * hidden] = static_cast<scalar_t>(r.d_hidden_n);
+    d_input_n[k] = static_cast<scalar_t>(r.d_input_n);
+    d_h[k] = static_cast<scalar_t>(r.d_h_prev);
+  }
+}
+
 // The caller (cuda/lstm_ops.cpp) has made the tensors' device current, so the current stream is
 // the one of that device; the time loop's cuBLAS GEMMs run on it too.
 template <typename scalar_t>
@@ -152,6 +213,49 @@ void launch_backward_step(const BackwardStepArgs& a) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t>
+void launch_gru_forward_step(const GruForwardStepArgs& a) {
+  const int64_t units = a.batch * a.hidden;
+  if (units == 0) {
+    return;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto kernel = a.training ? &gru_forward_step_kernel<scalar_t, true>
+                                 : &gru_forward_step_kernel<scalar_t, false>;
+  kernel<<<blocks_for(units), kThreadsPerBlock, 0, stream>>>(
+      static_cast<scalar_t*>(a.gates), static_cast<const scalar_t*>(a.recurrent),
+      static_cast<const scalar_t*>(a.bias_hn), static_cast<const scalar_t*>(a.h_prev),
+      static_cast<scalar_t*>(a.hidden_n), static_cast<scalar_t*>(a.h), a.batch, a.hidden);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_gru_backward_step(const GruBackwardStepArgs& a) {
+  const int64_t units = a.batch * a.hidden;
+  if (units == 0) {
+    return;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  gru_backward_step_kernel<scalar_t><<<blocks_for(units), kThreadsPerBlock, 0, stream>>>(
+      static_cast<const scalar_t*>(a.gates), static_cast<const scalar_t*>(a.hidden_n),
+      static_cast<const scalar_t*>(a.h_prev), static_cast<const scalar_t*>(a.d_h_output),
+      static_cast<scalar_t*>(a.d_h), static_cast<scalar_t*>(a.d_gates),
+      static_cast<scalar_t*>(a.d_input_n), a.batch, a.hidden);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void gru_forward_step(const GruForwardStepArgs& args, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(c10::kHalf, c10::kBFloat16, dtype,
+                                  "lstm_ext_cuda_gru_forward_step",
+                                  [&] { launch_gru_forward_step<scalar_t>(args); });
+}
+
+void gru_backward_step(const GruBackwardStepArgs& args, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(c10::kHalf, c10::kBFloat16, dtype,
+                                  "lstm_ext_cuda_gru_backward_step",
+                                  [&] { launch_gru_backward_step<scalar_t>(args); });
+}
+
 void forward_step(const ForwardStepArgs& args, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(c10::kHalf, c10::kBFloat16, dtype, "lstm_ext_cuda_forward_step",
                                   [&] { launch_forward_step<scalar_t>(args); });
@@ -164,6 +268,8 @@ void backward_step(const BackwardStepArgs& args, c10::ScalarType dtype) {
 
 }  // namespace
 
-PointwiseKernels cuda_pointwise_kernels() { return {&forward_step, &backward_step}; }
+PointwiseKernels cuda_pointwise_kernels() {
+  return {&forward_step, &backward_step, &gru_forward_step, &gru_backward_step};
+}
 
 }  // namespace lstm_ext::cuda

@@ -205,6 +205,114 @@ struct LstmBackwardOutput {
   }
 };
 
+// The GRU's epilogue of a forward step, over W_hh^T packed in kGruRecurrentGates order: a tile's
+// vectors are the recurrent products of r, z and n of kVecWidth hidden units, and, when the step
+// fuses its input projection (W_ih^T in kGruInputGates order onto the same tile), the r and z
+// vectors hold the input's products too and the last vector the input half of n. The GEMM runs
+// the whole K in registers (run_gru_tile), so the tile is never stored part-way.
+struct GruForwardOutput {
+  // [N, 3H] in: the input projection (b_ih and b_hr, b_hz folded in) unless fused; out when
+  // training: the activated r, z, n. Null when the input projection is fused and not training.
+  float* gates;
+  const float* bias_hn;  // [H] b_hn, or null without biases
+  const float* h_prev;   // [N, H] h_{t-1}
+  float* hidden_n;       // [N, H] out when training: W_hn h_{t-1} + b_hn
+  float* h;              // [N, H] out: h_t
+  int64_t hidden;
+  bool training;
+  bool input_fused;
+
+  float* gate_ptr(int64_t row, int64_t panel, int64_t gate) const {
+    return gates + row * 3 * hidden + gate * hidden + panel * kVecWidth;
+  }
+
+  template <int64_t kRows>
+  void finish(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    const int64_t j = panel * kVecWidth;
+    const int64_t count = std::min<int64_t>(kVecWidth, hidden - j);
+    const FloatVec b_hn = bias_hn != nullptr ? load_units(bias_hn + j, count) : FloatVec(0.f);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t row = row0 + r;
+      const FloatVec hidden_n_v = FloatVec(acc[r][2]) + b_hn;
+      GruPreActivations<FloatVec> pre{FloatVec(acc[r][0]), FloatVec(acc[r][1]),
+                                      FloatVec(acc[r][3]), hidden_n_v};
+      if (!input_fused) {
+        pre.r = pre.r + load_units(gate_ptr(row, panel, 0), count);
+        pre.z = pre.z + load_units(gate_ptr(row, panel, 1), count);
+        pre.input_n = load_units(gate_ptr(row, panel, 2), count);
+      }
+      const int64_t unit = row * hidden + j;
+      const GruForwardResult<FloatVec> result =
+          gru_cell_forward_unit(pre, load_units(h_prev + unit, count));
+      store_units(h + unit, result.h, count);
+      if (training) {
+        store_units(gate_ptr(row, panel, 0), result.gates.r, count);
+        store_units(gate_ptr(row, panel, 1), result.gates.z, count);
+        store_units(gate_ptr(row, panel, 2), result.gates.n, count);
+        store_units(hidden_n + unit, hidden_n_v, count);
+      }
+    }
+  }
+};
+
+// The GRU's epilogue of a backward step's recurrent GEMM, d_h [N, H] += d_gates_{t+1} W_hh (W_hh
+// packed plain): d_h holds, before the GEMM, the direct part z * d_h of the gradient that step t+1
+// passed to h_t (grad_h_n before the first step), so the GEMM accumulates onto it; the last K block
+// adds the output's gradient and runs the backward gate math, writing d_gates, d_input_n and the
+// direct part for step t-1 back into d_h.
+struct GruBackwardOutput {
+  PlainOutput d_h;          // [N, H]
+  const float* gates;       // [N, 3H] saved r, z, n of step t
+  const float* hidden_n;    // [N, H] saved W_hn h_{t-1} + b_hn
+  const float* h_prev;      // [N, H] h_{t-1}
+  const float* d_output;    // [N, H] gradient of output[t]
+  float* d_gates;           // [N, 3H] out
+  float* d_input_n;         // [N, H] out
+  int64_t hidden;
+
+  void prefetch(int64_t /*tile*/, int64_t /*panel*/, bool /*last*/) const {}
+  template <int64_t kRows>
+  void init(int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    d_h.init<kRows>(panel, acc);
+  }
+  template <int64_t kRows>
+  void load(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    d_h.load<kRows>(row0, panel, acc);
+  }
+  template <int64_t kRows>
+  void store(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    d_h.store<kRows>(row0, panel, acc);
+  }
+  template <int64_t kRows>
+  void finish(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t row = row0 + r;
+      for (int64_t v = 0; v < kPanelVecs; ++v) {
+        const int64_t j = panel * kPanelWidth + v * kVecWidth;
+        const int64_t count = std::min<int64_t>(kVecWidth, hidden - j);
+        if (count <= 0) {
+          break;
+        }
+        const auto load = [count](const float* p) { return load_units(p, count); };
+        const auto store = [count](float* p, const FloatVec& x) { store_units(p, x, count); };
+        const float* gates_row = gates + row * 3 * hidden + j;
+        const GruActivations<FloatVec> act{load(gates_row), load(gates_row + hidden),
+                                           load(gates_row + 2 * hidden)};
+        const int64_t unit = row * hidden + j;
+        const FloatVec d_h_total = FloatVec(acc[r][v]) + load(d_output + unit);
+        const GruBackwardResult<FloatVec> result =
+            gru_cell_backward_unit(act, load(hidden_n + unit), load(h_prev + unit), d_h_total);
+        float* d_gates_row = d_gates + row * 3 * hidden + j;
+        store(d_gates_row, result.d_r);
+        store(d_gates_row + hidden, result.d_z);
+        store(d_gates_row + 2 * hidden, result.d_hidden_n);
+        store(d_input_n + unit, result.d_input_n);
+        store(d_h.c + row * d_h.ldc + j, result.d_h_prev);
+      }
+    }
+  }
+};
+
 // Threads for a whole recurrence: as many as ATen may use, but no more than there are shares of
 // work (panels, or tiles of batch rows), and only where a step's work outweighs a barrier (a
 // fraction of a microsecond) by a wide margin.
@@ -349,11 +457,12 @@ class FusedFloatBackend final : public StepBackend {
     StepBackend::begin_forward(w_hh, cell);
     packed_w_hh_ = PackedB();
     hidden_ = w_hh.size(0) / gate_count(cell);
-    if (cell == Cell::kLstm && hidden_ > 0 && w_hh.size(1) > 0) {
+    if (hidden_ > 0 && w_hh.size(1) > 0) {
       // B = W_hh^T: element (k, col) = w_hh[col][k]; gate order for the fused epilogue.
       packed_w_hh_ = pack_b(w_hh.const_data_ptr<float>(), /*k_stride=*/1,
                             /*col_stride=*/w_hh.stride(0), w_hh.size(1), w_hh.size(0),
-                            ColumnOrder::kGates);
+                            ColumnOrder::kGates,
+                            cell == Cell::kLstm ? kLstmGates : kGruRecurrentGates);
     }
   }
 
@@ -374,10 +483,49 @@ class FusedFloatBackend final : public StepBackend {
     packed_gemm(a_operand, gates.size(0), packed_w_hh_, out, /*accumulate=*/true);
   }
 
+  // The GRU's step of the generic loop (packed batches): the tiles of run_gru_tile over ATen's
+  // threads, split over panels.
+  void gru_forward_step(const at::Tensor& h_prev, at::Tensor& gates, const at::Tensor& bias_hn,
+                        at::Tensor& hidden_n, at::Tensor& h, bool training) override {
+    const PackedB& b = packed_w_hh_;
+    if (b.k == 0 || b.panels == 0) {
+      StepBackend::gru_forward_step(h_prev, gates, bias_hn, hidden_n, h, training);
+      return;
+    }
+    const int64_t rows = gates.size(0);
+    if (rows == 0) {
+      return;
+    }
+    const GruForwardOutput out{gates.data_ptr<float>(),
+                               bias_hn.defined() ? bias_hn.const_data_ptr<float>() : nullptr,
+                               h_prev.const_data_ptr<float>(),
+                               training ? hidden_n.data_ptr<float>() : nullptr,
+                               h.data_ptr<float>(),
+                               hidden_,
+                               training,
+                               /*input_fused=*/false};
+    // The epilogue reads h_{t-1} as rows of H floats (every state buffer of the loop is).
+    TORCH_INTERNAL_ASSERT(h_prev.stride(0) == hidden_ && h_prev.stride(1) == 1);
+    const float* h_rows = h_prev.const_data_ptr<float>();
+    constexpr int64_t kMinFlopsPerTask = 1 << 20;
+    const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / (2 * rows * b.k * kPanelWidth));
+    at::parallel_for(0, b.panels, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        for (int64_t row0 = 0; row0 < rows; row0 += kTileRows) {
+          run_gru_tile(nullptr, nullptr, nullptr, OperandA{h_rows + row0 * hidden_, hidden_, 1}, b,
+                       out, row0, std::min(kTileRows, rows - row0), p);
+        }
+      }
+    });
+  }
+
   // Each thread owns a fixed range of panels (hidden units, all four gates of each) for the whole
   // sequence: its slice of W_hh stays in its own cache, and a step ends with one barrier, after
   // which every thread reads the whole h_t.
   bool forward_recurrence(const ForwardRecurrenceArgs& args) override {
+    if (args.cell == Cell::kGru) {
+      return gru_forward_recurrence(args);
+    }
     if (args.input != nullptr) {
       forward_recurrence_with_input(args);
       return true;
@@ -409,10 +557,15 @@ class FusedFloatBackend final : public StepBackend {
   // reading them back (in inference they are then never stored at all). Below it, W_ih would be
   // streamed through the cache T times for a few rows each time.
   static constexpr int64_t kMinBatchToFuseInput = 16;
+  // The GRU's tiles run the whole K in registers rather than in kBlockK blocks (its epilogue has
+  // no place for partial sums); fine while a panel's K rows stay in L2, which larger W_hh (and
+  // inputs) would not. Past this, the generic loop runs the GRU on ATen's GEMMs.
+  static constexpr int64_t kMaxGruFusedK = 2048;
 
   bool fuses_input_projection(Cell cell, int64_t batch, int64_t features,
                               int64_t hidden) const override {
-    return cell == Cell::kLstm && batch >= kMinBatchToFuseInput && features > 0 && hidden > 0;
+    return batch >= kMinBatchToFuseInput && features > 0 && hidden > 0 &&
+           (cell == Cell::kLstm || hidden <= kMaxGruFusedK);
   }
 
   void begin_backward(const at::Tensor& w_hh, Cell cell) override {
@@ -430,8 +583,12 @@ class FusedFloatBackend final : public StepBackend {
   // thread's units, then a barrier.
   bool backward_recurrence(const BackwardRecurrenceArgs& args) override {
     const PackedB& b = packed_w_hh_;
-    if (args.cell != Cell::kLstm || b.k == 0 || b.panels == 0 || args.batch == 0) {
+    if (b.k == 0 || b.panels == 0 || args.batch == 0) {
       return false;
+    }
+    if (args.cell == Cell::kGru) {
+      gru_backward_recurrence(args);
+      return true;
     }
     const int64_t batch = args.batch, hidden = args.hidden;
     const int64_t gate_stride = batch * 4 * hidden, state_stride = batch * hidden;
@@ -597,6 +754,160 @@ class FusedFloatBackend final : public StepBackend {
             h_prev,
             LstmForwardOutput{step_gates, c_prev, c, output + (t * batch + r0) * hidden, hidden,
                               args.training, rows, /*stream_saved=*/true}};
+  }
+
+  // One tile of a GRU step: acc = bias + x_t W_ih^T (when the input projection is fused) +
+  // h_{t-1} W_hh^T over the whole K, then the GRU epilogue.
+  template <int64_t kRows = kTileRows>
+  static void run_gru_tile(const OperandA* x, const PackedB* w_ih, const PlainOutput* bias,
+                           const OperandA& h, const PackedB& w_hh, const GruForwardOutput& out,
+                           int64_t row0, int64_t rows, int64_t panel) {
+    if constexpr (kRows > 1) {
+      if (rows < kRows) {
+        run_gru_tile<kRows - 1>(x, w_ih, bias, h, w_hh, out, row0, rows, panel);
+        return;
+      }
+    }
+    RawVec acc[kRows][kPanelVecs];
+    if (bias != nullptr) {
+      bias->init<kRows>(panel, acc);
+    } else {
+      for (auto& row : acc) {
+        for (auto& v : row) v = raw_broadcast(0.f);
+      }
+    }
+    if (x != nullptr) {
+      tile_multiply<kRows>(*x, w_ih->k, w_ih->panel(panel), w_ih->k_stride, acc);
+    }
+    tile_multiply<kRows>(h, w_hh.k, w_hh.panel(panel), w_hh.k_stride, acc);
+    out.finish<kRows>(row0, panel, acc);
+  }
+
+  // The GRU's whole forward recurrence, threads sharing the work as in forward_recurrence; with
+  // fuses_input_projection, each step's tiles also multiply x_t by W_ih^T.
+  bool gru_forward_recurrence(const ForwardRecurrenceArgs& args) {
+    const PackedB& w_hh = packed_w_hh_;
+    const int64_t batch = args.batch, hidden = args.hidden, features = args.features;
+    if (w_hh.k == 0 || w_hh.panels == 0 || batch == 0 || hidden > kMaxGruFusedK) {
+      TORCH_INTERNAL_ASSERT(args.input == nullptr);
+      return false;
+    }
+    const bool input_fused = args.input != nullptr;
+    // B = W_ih^T: element (k, col) = w_ih[col][k], the n gate's input half in the free vector.
+    const PackedB w_ih =
+        input_fused ? pack_b(static_cast<const float*>(args.w_ih), /*k_stride=*/1,
+                             /*col_stride=*/features, features, 3 * hidden, ColumnOrder::kGates,
+                             kGruInputGates)
+                    : PackedB();
+    const PlainOutput bias{nullptr, 0, &w_ih, static_cast<const float*>(args.bias)};
+    const auto* input = static_cast<const float*>(args.input);
+    const auto* h0 = static_cast<const float*>(args.h0);
+    auto* gates = static_cast<float*>(args.gates);
+    auto* output = static_cast<float*>(args.output);
+    auto* hidden_n = static_cast<float*>(args.cells);
+    const int64_t k_total = hidden + (input_fused ? features : 0);
+    const int64_t threads =
+        recurrence_threads(2 * batch * k_total * 4 * hidden, batch, w_hh.panels);
+    run_on_threads(threads, [&](int64_t thread, int64_t team) {
+      const RecurrenceShare share = recurrence_share(batch, w_hh.panels, thread, team);
+      const int64_t r0 = share.row_begin, rows = share.rows();
+      const int64_t row_tiles = (rows + kTileRows - 1) / kTileRows;
+      for (int64_t k = 0; k < args.steps; ++k) {
+        const int64_t t = step_time(k, args.steps, args.reverse);
+        const int64_t prev_t = step_time(k - 1, args.steps, args.reverse);
+        const float* h_prev = (k == 0 ? h0 : output + prev_t * batch * hidden) + r0 * hidden;
+        const int64_t first_row = t * batch + r0;  // of this share at step t
+        const GruForwardOutput out{gates != nullptr ? gates + first_row * 3 * hidden : nullptr,
+                                   static_cast<const float*>(args.bias_hn),
+                                   h_prev,
+                                   args.training ? hidden_n + first_row * hidden : nullptr,
+                                   output + first_row * hidden,
+                                   hidden,
+                                   args.training,
+                                   input_fused};
+        const float* x_t = input_fused ? input + first_row * features : nullptr;
+        // Blocks of rows whose x_t and h_{t-1} rows stay in L2 while the panels pass over them.
+        for (int64_t t0 = 0; t0 < row_tiles; t0 += kBlockTiles) {
+          const int64_t t1 = std::min(row_tiles, t0 + kBlockTiles);
+          for (int64_t p = share.panel_begin; p < share.panel_end; ++p) {
+            for (int64_t tile = t0; tile < t1; ++tile) {
+              const int64_t row0 = tile * kTileRows;
+              const OperandA x_rows{x_t + row0 * features, features, 1};
+              run_gru_tile(input_fused ? &x_rows : nullptr, &w_ih, &bias,
+                           OperandA{h_prev + row0 * hidden, hidden, 1}, w_hh, out, row0,
+                           std::min(kTileRows, rows - row0), p);
+            }
+          }
+        }
+        if (!splits_rows(batch, team)) {
+          team_barrier(team);
+        }
+      }
+    });
+    return true;
+  }
+
+  // The GRU's whole backward recurrence, as backward_recurrence; the GEMMs accumulate onto the
+  // direct parts the epilogues leave in d_h.
+  void gru_backward_recurrence(const BackwardRecurrenceArgs& args) {
+    const PackedB& b = packed_w_hh_;
+    const int64_t batch = args.batch, hidden = args.hidden;
+    const int64_t gate_stride = batch * 3 * hidden, state_stride = batch * hidden;
+    const auto* gates = static_cast<const float*>(args.gates);
+    const auto* hidden_n = static_cast<const float*>(args.cells);
+    const auto* h0 = static_cast<const float*>(args.h0);
+    const auto* output = static_cast<const float*>(args.output);
+    const auto* d_output = static_cast<const float*>(args.d_output);
+    auto* d_gates = static_cast<float*>(args.d_gates);
+    auto* d_input_n = static_cast<float*>(args.d_input_n);
+    auto* d_h = static_cast<float*>(args.d_h);
+    const int64_t threads = recurrence_threads(2 * batch * b.k * b.cols, batch, b.panels);
+    run_on_threads(threads, [&](int64_t thread, int64_t team) {
+      const RecurrenceShare share = recurrence_share(batch, b.panels, thread, team);
+      const int64_t r0 = share.row_begin, rows = share.rows();
+      const PlainOutput d_h_out{d_h + r0 * hidden, hidden, &b};
+      const int64_t steps = args.steps;
+      int64_t later_t = -1;  // the step processed before this one (t + 1 in forward time order)
+      for (int64_t k = 0; k < steps; ++k) {
+        const int64_t forward_k = steps - 1 - k;
+        const int64_t t = step_time(forward_k, steps, args.reverse);
+        const float* h_prev =
+            (forward_k == 0
+                 ? h0
+                 : output + step_time(forward_k - 1, steps, args.reverse) * state_stride) +
+            r0 * hidden;
+        const GruBackwardOutput out{d_h_out,
+                                    gates + t * gate_stride + r0 * 3 * hidden,
+                                    hidden_n + t * state_stride + r0 * hidden,
+                                    h_prev,
+                                    d_output + t * state_stride + r0 * hidden,
+                                    d_gates + t * gate_stride + r0 * 3 * hidden,
+                                    d_input_n + t * state_stride + r0 * hidden,
+                                    hidden};
+        if (k == 0) {
+          // The gradient reaching h_t from outside the sequence is grad_h_n, already in d_h.
+          for (int64_t p = share.panel_begin; p < share.panel_end; ++p) {
+            for (int64_t row = 0; row < rows; ++row) {
+              RawVec acc[1][kPanelVecs];
+              out.load<1>(row, p, acc);
+              out.finish<1>(row, p, acc);
+            }
+          }
+        } else {
+          packed_gemm_panels(
+              OperandA{d_gates + later_t * gate_stride + r0 * 3 * hidden, b.k, 1}, rows, b, out,
+              /*accumulate=*/true, share.panel_begin, share.panel_end);
+        }
+        later_t = t;
+        if (!splits_rows(batch, team)) {
+          team_barrier(team);
+        }
+      }
+      // grad_h0: the first step's direct part, plus the gradient through its GEMM.
+      packed_gemm_panels(OperandA{d_gates + later_t * gate_stride + r0 * 3 * hidden, b.k, 1},
+                         rows, b, d_h_out, /*accumulate=*/true, share.panel_begin,
+                         share.panel_end);
+    });
   }
 
   int64_t hidden_ = 0;

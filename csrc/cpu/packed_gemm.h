@@ -12,9 +12,13 @@
 // Layout of a packed B [K, Ncols]: panels of NR = 4 * VL columns; panel p holds, for every k, NR
 // consecutive values. Two column orders:
 //   plain:   panel p, vector v -> columns p*NR + v*VL + [0, VL)
-//   gates:   panel p, vector v -> columns v*H + p*VL + [0, VL), with H = Ncols / 4
-// The gate order puts the i, f, g, o pre-activations of VL hidden units into one register tile, so
-// the LSTM epilogue has all four gates of each unit at hand. Columns past the edge are zero.
+//   gates:   panel p, vector v -> columns g(v)*H + p*VL + [0, VL), with H = Ncols / G for a cell of
+//            G gates, and g(v) the gate vector v holds (GateLayout; none: zeros)
+// The gate order puts the pre-activations of all gates of VL hidden units into one register tile,
+// so a cell's epilogue has every gate of each unit at hand: the LSTM's i, f, g, o fill the four
+// vectors; the GRU's r, z, n leave one free, which its fused input projection uses for the n gate's
+// input half (kept apart from the recurrent half, which r multiplies). Columns past the edge are
+// zero.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -83,6 +87,20 @@ inline void store_units(float* p, const FloatVec& v, int64_t count) {
 
 enum class ColumnOrder { kPlain, kGates };
 
+// Which gate of a cell's `gates` gates each vector of a gate-ordered panel holds; -1: none (the
+// vector is zero).
+struct GateLayout {
+  int64_t gates = 4;
+  int64_t gate_of_vec[kPanelVecs] = {0, 1, 2, 3};
+};
+// The LSTM's i, f, g, o.
+inline constexpr GateLayout kLstmGates{};
+// The GRU's W_hh^T: r, z and the recurrent half of n; the last vector free.
+inline constexpr GateLayout kGruRecurrentGates{3, {0, 1, 2, -1}};
+// The GRU's W_ih^T when a step fuses its input projection: r and z onto the recurrent products,
+// the input half of n apart, in the vector W_hh^T leaves free.
+inline constexpr GateLayout kGruInputGates{3, {0, 1, -1, 2}};
+
 // B as the kernels below read it: panel p's row k (its kPanelWidth values for that k) starts at
 // base + p * panel_stride + k * k_stride. A packed copy (`data`, [panels, K, kPanelWidth]) has
 // k_stride = kPanelWidth and panel_stride = K * kPanelWidth; a row-major matrix whose columns fill
@@ -96,17 +114,27 @@ struct PackedB {
   int64_t cols = 0;
   int64_t panels = 0;
   ColumnOrder order = ColumnOrder::kPlain;
+  GateLayout layout;  // kGates only
 
   const float* panel(int64_t p) const { return base + p * panel_stride; }
 };
 
-// First column of (panel, vector) in B, and how many of its VL columns exist.
+// First column of (panel, vector) in B, and how many of its VL columns exist (0 for a vector that
+// holds no gate).
 inline int64_t panel_column(const PackedB& b, int64_t panel, int64_t vec) {
-  return b.order == ColumnOrder::kPlain ? panel * kPanelWidth + vec * kVecWidth
-                                        : vec * (b.cols / 4) + panel * kVecWidth;
+  if (b.order == ColumnOrder::kPlain) {
+    return panel * kPanelWidth + vec * kVecWidth;
+  }
+  const int64_t gate = std::max<int64_t>(b.layout.gate_of_vec[vec], 0);
+  return gate * (b.cols / b.layout.gates) + panel * kVecWidth;
 }
 inline int64_t panel_column_count(const PackedB& b, int64_t panel, int64_t vec) {
-  const int64_t limit = b.order == ColumnOrder::kPlain ? b.cols : (vec + 1) * (b.cols / 4);
+  if (b.order == ColumnOrder::kGates && b.layout.gate_of_vec[vec] < 0) {
+    return 0;
+  }
+  const int64_t gate = b.layout.gate_of_vec[vec];
+  const int64_t limit =
+      b.order == ColumnOrder::kPlain ? b.cols : (gate + 1) * (b.cols / b.layout.gates);
   return std::clamp<int64_t>(limit - panel_column(b, panel, vec), 0, kVecWidth);
 }
 
@@ -154,14 +182,16 @@ inline void transpose_vector_block(const float* src, int64_t ld_src, float* dst,
 #endif
 }
 
-// Packs B given by element (k, col) = src[k * k_stride + col * col_stride].
+// Packs B given by element (k, col) = src[k * k_stride + col * col_stride]; `layout` says where
+// each gate goes in the gate order.
 inline PackedB pack_b(const float* src, int64_t k_stride, int64_t col_stride, int64_t k,
-                      int64_t cols, ColumnOrder order) {
+                      int64_t cols, ColumnOrder order, const GateLayout& layout = kLstmGates) {
   PackedB b;
   b.k = k;
   b.cols = cols;
   b.order = order;
-  const int64_t width = order == ColumnOrder::kPlain ? cols : cols / 4;
+  b.layout = layout;
+  const int64_t width = order == ColumnOrder::kPlain ? cols : cols / layout.gates;
   const int64_t per_panel = order == ColumnOrder::kPlain ? kPanelWidth : kVecWidth;
   b.panels = (width + per_panel - 1) / per_panel;
   b.data = at::empty({b.panels, k, kPanelWidth}, at::TensorOptions().dtype(at::kFloat));

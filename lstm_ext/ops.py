@@ -26,14 +26,17 @@ __all__ = [
     "GruLayerFunction",
     "LstmCellFunction",
     "LstmLayerFunction",
+    "LstmVariantLayerFunction",
     "apply_gru_cell",
     "apply_gru_layer",
     "apply_lstm_cell",
     "apply_lstm_layer",
+    "apply_lstm_variant_layer",
     "gru_cell_forward",
     "gru_forward",
     "lstm_cell_forward",
     "lstm_forward",
+    "lstm_variant_forward",
 ]
 
 
@@ -1006,3 +1009,183 @@ for _name in ("_gru_backward", "_gru_cell_backward"):
         f"lstm_ext::{_name}", _refuse_raw_backward_differentiation(_name),
         setup_context=_no_context,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The LSTM variants' op (peepholes, coupled input and forget gates): wrapper, fake kernel and
+# first-order autograd. Once-differentiable, without vmap rule or forward mode, as the GRU's.
+
+
+def lstm_variant_forward(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    peephole: Tensor | None,
+    coupled_gates: bool,
+    reverse: bool = False,
+    training: bool = False,
+    w_hr: Tensor | None = None,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`lstm_forward` for an LSTM variant.
+
+    Args:
+        peephole: ``[3, H]`` rows (w_ci, w_cf, w_co), or None: ``i`` and ``f`` read
+            ``w_ci * c_{t-1}``, ``w_cf * c_{t-1}``; ``o`` reads ``w_co * c_t``.
+        coupled_gates: ``f = 1 - i``; the weights have no forget rows (w_ih ``[3H, C]``, w_hh
+            ``[3H, P]``, biases ``[3H]``, gate order i, g, o) and saved_gates is ``[T, N, 3H]``.
+        The rest: as :func:`lstm_forward`.
+    """
+    return torch.ops.lstm_ext.lstm_variant_forward.default(
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, coupled_gates, reverse, training, w_hr,
+        batch_sizes,
+    )
+
+
+@torch.library.register_fake("lstm_ext::lstm_variant_forward")
+def _lstm_variant_forward_fake(
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, coupled_gates, reverse, training, w_hr=None,
+    batch_sizes=None,
+):
+    hidden = c0.shape[1]
+    proj = w_hh.shape[1]
+    steps = input.shape[:-1]
+    output = input.new_empty(*steps, proj)
+    h_n = input.new_empty(h0.shape[0], proj)
+    c_n = input.new_empty(h0.shape[0], hidden)
+    if not training:
+        return output, h_n, c_n, input.new_empty(0), input.new_empty(0), input.new_empty(0)
+    gates = (3 if coupled_gates else 4) * hidden
+    saved_hidden = input.new_empty(*steps, hidden) if w_hr is not None else input.new_empty(0)
+    return (
+        output, h_n, c_n, input.new_empty(*steps, gates), input.new_empty(*steps, hidden),
+        saved_hidden,
+    )
+
+
+@torch.library.register_fake("lstm_ext::_lstm_variant_backward")
+def _lstm_variant_backward_fake(
+    grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, peephole, coupled_gates, output,
+    saved_gates, saved_cells, reverse, w_hr=None, batch_sizes=None, saved_hidden=None,
+):
+    return (
+        input.new_empty(input.shape),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        w_hh.new_empty(w_hh.shape[0]),
+        w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty(0),
+        peephole.new_empty(peephole.shape) if peephole is not None else w_hh.new_empty(0),
+    )
+
+
+# (input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr); b_*, peephole, w_hr may be None
+_VariantLayerInputs = tuple
+
+
+def _save_variant_layer(
+    ctx: Any, inputs: _VariantLayerInputs, coupled: bool, batch_sizes: Tensor | None,
+    reverse: bool, output: tuple,
+) -> None:
+    out, _h_n, _c_n, saved_gates, saved_cells, saved_hidden = output
+    ctx.save_for_backward(*inputs, batch_sizes, out, saved_gates, saved_cells, saved_hidden)
+    ctx.coupled, ctx.reverse = coupled, reverse
+    ctx.mark_non_differentiable(saved_gates, saved_cells, saved_hidden)
+    ctx.set_materialize_grads(False)
+
+
+@torch.autograd.function.once_differentiable
+def _variant_layer_gradients(
+    ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """The gradients of one variant layer, in _VariantLayerInputs' order."""
+    *inputs, batch_sizes, out, saved_gates, saved_cells, saved_hidden = ctx.saved_tensors
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr = inputs
+    if saved_gates.numel() == 0 and out.numel() > 0:
+        # Called with training=False yet differentiated: recompute (see _layer_gradients).
+        out, _, _, saved_gates, saved_cells, saved_hidden = lstm_variant_forward(
+            input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, ctx.coupled, ctx.reverse, True, w_hr,
+            batch_sizes,
+        )
+    grads = torch.ops.lstm_ext._lstm_variant_backward.default(
+        _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, h0),
+        _zeros_if_none(grad_c_n, c0), input, h0, c0, w_ih, w_hh, peephole, ctx.coupled, out,
+        saved_gates, saved_cells, ctx.reverse, w_hr, batch_sizes, saved_hidden,
+    )
+    grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_peephole = grads
+    grad_b = grad_bias if b_ih is not None else None
+    return (
+        grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b,
+        grad_peephole if peephole is not None else None,
+        grad_w_hr if w_hr is not None else None,
+    )
+
+
+class LstmVariantLayerFunction(torch.autograd.Function):
+    """One variant LSTM layer in one direction (``lstm_variant_forward`` with training=True).
+
+    ``LstmVariantLayerFunction.apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr,
+    coupled_gates, batch_sizes, reverse)`` returns its six outputs; differentiable once.
+    """
+
+    @staticmethod
+    def forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr, coupled_gates,
+                batch_sizes, reverse):
+        return lstm_variant_forward(
+            input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, coupled_gates, reverse, True, w_hr,
+            batch_sizes,
+        )
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        *layer_inputs, coupled_gates, batch_sizes, reverse = inputs
+        _save_variant_layer(ctx, tuple(layer_inputs), coupled_gates, batch_sizes, reverse, output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output, grad_h_n, grad_c_n, *_saved) -> tuple:
+        return (*_variant_layer_gradients(ctx, grad_output, grad_h_n, grad_c_n), None, None, None)
+
+
+def apply_lstm_variant_layer(
+    input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, peephole: Tensor | None, w_hr: Tensor | None, coupled_gates: bool,
+    batch_sizes: Tensor | None, reverse: bool,
+) -> tuple[Tensor, ...]:
+    """:class:`LstmVariantLayerFunction` applied."""
+    return LstmVariantLayerFunction.apply(
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr, coupled_gates, batch_sizes, reverse
+    )
+
+
+def _lstm_variant_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, coupled, reverse, _training, *rest = inputs
+    w_hr, batch_sizes = (list(rest) + [None, None])[:2]
+    _save_variant_layer(
+        ctx, (input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr), coupled, batch_sizes,
+        reverse, output,
+    )
+
+
+def _lstm_variant_forward_backward(ctx: Any, grad_output, grad_h_n, grad_c_n, *_saved) -> tuple:
+    grads = _variant_layer_gradients(ctx, grad_output, grad_h_n, grad_c_n)
+    *first, grad_peephole, grad_w_hr = grads
+    # In the op's argument order: ..., b_hh, peephole, coupled_gates, reverse, training, w_hr,
+    # batch_sizes.
+    return (*first, grad_peephole, None, None, None, grad_w_hr, None)
+
+
+torch.library.register_autograd(
+    "lstm_ext::lstm_variant_forward",
+    _lstm_variant_forward_backward,
+    setup_context=_lstm_variant_forward_setup_context,
+)
+torch.library.register_autograd(
+    "lstm_ext::_lstm_variant_backward",
+    _refuse_raw_backward_differentiation("_lstm_variant_backward"),
+    setup_context=_no_context,
+)

@@ -379,14 +379,13 @@ def _check_variant(
     if w_hr is not None:
         others = [
             name for name, on in (
-                ("coupled_gates", coupled_gates),
                 ("layer_norm", layer_norm is not None),
                 ("zoneout", zoneout > 0 or zoneout_masks is not None),
             ) if on
         ]
         if others:
             raise ValueError(
-                f"projections (w_hr) are supported with peephole only, not with "
+                f"projections (w_hr) are supported with peephole and coupled_gates only, not with "
                 f"{' and '.join(others)}"
             )
 
@@ -567,12 +566,12 @@ def lstm_variant_layer(
         zoneout_masks: in training, (mask_h, mask_c) each ``[rows, H]`` in the layer's
             time-major row order (``rows = T*N`` padded), 1 to keep; None draws them with
             :func:`zoneout_masks`.
-        w_hr: projections, with peephole or no option only: h_t = (o * tanh(c_t)) W_hr^T.
+        w_hr: projections, with peephole and coupled_gates only: h_t = (o * tanh(c_t)) W_hr^T.
 
     Raises:
         ValueError: weights with other than G*H rows, a peephole not ``[3, H]``, layer_norm
             with other keys or shapes, zoneout outside [0, 1), zoneout_masks in eval or not
-            ``[rows, H]``, w_hr with coupled_gates, layer_norm or zoneout.
+            ``[rows, H]``, w_hr with layer_norm or zoneout.
     """
     hidden = c0.size(-1)
     _check_variant(hidden, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, coupled_gates, layer_norm,

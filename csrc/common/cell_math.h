@@ -97,6 +97,73 @@ LSTM_HOST_DEVICE inline CellBackwardResult<V> lstm_cell_backward_unit(const Gate
 }
 
 // ---------------------------------------------------------------------------------------------
+// LSTM variants: peephole connections (Gers & Schmidhuber 2000; ONNX's P input) and coupled input
+// and forget gates (CIFG, f = 1 − i; Greff et al. 2015), alone or together. The plain LSTM keeps
+// the functions above, so its kernels do not pay for the options.
+//   i = σ(pre_i + w_ci c_{t−1}),  f = σ(pre_f + w_cf c_{t−1}) or 1 − i,  g = tanh(pre_g),
+//   c_t = f c_{t−1} + i g,  o = σ(pre_o + w_co c_t),  h_t = o tanh(c_t).
+
+// One unit's options: the peephole weights of its hidden unit (when `peephole`), and CIFG.
+template <typename V>
+struct LstmVariantUnit {
+  bool peephole;
+  bool coupled;
+  V w_ci, w_cf, w_co;
+};
+
+// With coupled gates `pre.f` is not read; the result's gates.f is 1 − i all the same.
+template <typename V>
+LSTM_HOST_DEVICE inline CellForwardResult<V> lstm_variant_forward_unit(
+    const GatePreActivations<V>& pre, V c_prev, const LstmVariantUnit<V>& variant) {
+  using Act = Activations<V>;
+  const V one(1);
+  CellForwardResult<V> r;
+  r.gates.i = Act::sigmoid(variant.peephole ? pre.i + variant.w_ci * c_prev : pre.i);
+  r.gates.f = variant.coupled ? one - r.gates.i
+                              : Act::sigmoid(variant.peephole ? pre.f + variant.w_cf * c_prev
+                                                              : pre.f);
+  r.gates.g = Act::tanh(pre.g);
+  r.c = r.gates.f * c_prev + r.gates.i * r.gates.g;
+  r.gates.o = Act::sigmoid(variant.peephole ? pre.o + variant.w_co * r.c : pre.o);
+  r.h = r.gates.o * Act::tanh(r.c);
+  return r;
+}
+
+// The mirror of lstm_variant_forward_unit (a.f = 1 − a.i with coupled gates; d_f is then 0). The
+// peephole weights' own gradients are sums over the batch and time of d_i c_{t−1}, d_f c_{t−1} and
+// d_o c_t, which the time loop forms after the recurrence.
+template <typename V>
+LSTM_HOST_DEVICE inline CellBackwardResult<V> lstm_variant_backward_unit(
+    const GateActivations<V>& a, V c, V c_prev, V d_h, V d_c, const LstmVariantUnit<V>& variant) {
+  using Act = Activations<V>;
+  const V one(1);
+  const V tanh_c = Act::tanh(c);
+  CellBackwardResult<V> r;
+  r.d_o = d_h * tanh_c * a.o * (one - a.o);
+  V d_c_total = d_c + d_h * a.o * (one - tanh_c * tanh_c);
+  if (variant.peephole) {
+    d_c_total = d_c_total + r.d_o * variant.w_co;  // o reads c_t
+  }
+  r.d_g = d_c_total * a.i * (one - a.g * a.g);
+  if (variant.coupled) {
+    // c_t = (1 − i) c_{t−1} + i g: i's gradient has both terms.
+    r.d_i = d_c_total * (a.g - c_prev) * a.i * (one - a.i);
+    r.d_f = V(0);
+  } else {
+    r.d_i = d_c_total * a.g * a.i * (one - a.i);
+    r.d_f = d_c_total * c_prev * a.f * (one - a.f);
+  }
+  r.d_c_prev = d_c_total * a.f;
+  if (variant.peephole) {
+    r.d_c_prev = r.d_c_prev + r.d_i * variant.w_ci;
+    if (!variant.coupled) {
+      r.d_c_prev = r.d_c_prev + r.d_f * variant.w_cf;
+    }
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
 // GRU, torch.nn.GRU's form. Gate order r, z, n. The recurrent product of the n gate, W_hn h + b_hn,
 // stays apart from the input's until r multiplies it:
 //   r = σ(W_ir x + b_ir + W_hr h + b_hr),  z = σ(W_iz x + b_iz + W_hz h + b_hz),

@@ -52,9 +52,15 @@ void StepBackend::forward_step(const at::Tensor& h_prev, at::Tensor& gates,
   if (gates.size(0) == 0) {
     return;
   }
-  const ForwardStepArgs args{gates.data_ptr(), c_prev.const_data_ptr(), c.data_ptr(),
-                             h.data_ptr(),     gates.size(0),          h.size(1),
-                             training};
+  const ForwardStepArgs args{gates.data_ptr(),
+                             c_prev.const_data_ptr(),
+                             c.data_ptr(),
+                             h.data_ptr(),
+                             gates.size(0),
+                             h.size(1),
+                             training,
+                             peephole_.defined() ? peephole_.const_data_ptr() : nullptr,
+                             cell_ == Cell::kLstmCoupled};
   kernels_.forward_step(args, gates.scalar_type());
 }
 
@@ -131,14 +137,14 @@ LayerSizes check_weights(Cell cell, const char* op, const at::Tensor& input,
                          const std::optional<at::Tensor>& b_hh,
                          const std::optional<at::Tensor>& w_hr) {
   const int64_t gates = gate_count(cell);
-  const bool lstm = cell == Cell::kLstm;
+  const bool lstm = cell == Cell::kLstm;  // 4 gates: the messages' shapes
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
               ": expected a floating-point input, got dtype ", input.scalar_type());
   LayerSizes sizes{};
   if (w_hr.has_value()) {
     TORCH_CHECK(w_hr->dim() == 2, op, ": expected w_hr of shape [P, H], got ", w_hr->sizes());
     sizes = {w_hr->size(1), w_hr->size(0)};
-    check_shape(op, w_hh, "w_hh", {gates * sizes.hidden, sizes.proj}, "[4H, P]");
+    check_shape(op, w_hh, "w_hh", {gates * sizes.hidden, sizes.proj}, lstm ? "[4H, P]" : "[3H, P]");
     check_same_device_and_dtype(op, input, "input", *w_hr, "w_hr");
   } else {
     TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), op,
@@ -309,11 +315,12 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
                                 const std::optional<at::Tensor>& b_ih,
                                 const std::optional<at::Tensor>& b_hh,
                                 const std::optional<at::Tensor>& w_hr, bool reverse,
-                                bool training, StepBackend& backend) {
+                                bool training, StepBackend& backend,
+                                const at::Tensor& peephole = at::Tensor()) {
   // The buffers and views below are internal: without this guard every view or in-place op on
   // them would also do autograd view bookkeeping (microseconds per step, felt at small sizes).
   at::AutoDispatchBelowADInplaceOrView no_view_tracking;
-  const bool lstm = cell == Cell::kLstm;
+  const bool lstm = is_lstm(cell);
   const int64_t gates_per_unit = gate_count(cell);
   const int64_t steps = layout.steps, batch = layout.batch, rows = layout.rows;
   const int64_t hidden = w_hh.size(0) / gates_per_unit, proj = w_hh.size(1);
@@ -370,6 +377,8 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
   at::Tensor h_join, c_join;
 
   RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
+  const at::Tensor peephole_c = peephole.defined() ? peephole.contiguous() : at::Tensor();
+  backend.set_peephole(peephole_c);
   backend.begin_forward(w_hh.contiguous(), cell);
   if (projected) {
     backend.begin_projection(w_hr->contiguous());
@@ -393,7 +402,8 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
                                      h0_c.const_data_ptr(),
                                      lstm ? c0_c.const_data_ptr() : nullptr,
                                      output.data_ptr(),
-                                     cells_ptr};
+                                     cells_ptr,
+                                     peephole_c.defined() ? peephole_c.const_data_ptr() : nullptr};
     whole_recurrence = backend.forward_recurrence(args);
     TORCH_INTERNAL_ASSERT(whole_recurrence || !fused_input,
                           "a backend that fuses the input projection must run the recurrence");
@@ -475,6 +485,7 @@ at::Tensor gather_previous_hidden(const at::Tensor& output, const at::Tensor& h0
 // (grad_b_ih = grad_b_hh); the GRU's differ in the n rows; grad_c0 and grad_w_hr are the LSTM's.
 struct LayerGradients {
   at::Tensor grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
+  at::Tensor grad_peephole;  // LSTM variants with peepholes only
 };
 
 // The backward loop on 2-D buffers (see forward_unchecked). `output` [rows, P] may be undefined
@@ -487,11 +498,12 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
                                   const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                   const at::Tensor& output, const at::Tensor& gates,
                                   const at::Tensor& cells, const at::Tensor& unprojected,
-                                  bool reverse, StepBackend& backend) {
+                                  bool reverse, StepBackend& backend,
+                                  const at::Tensor& peephole = at::Tensor()) {
   // The buffers and views below are internal: without this guard every view or in-place op on
   // them would also do autograd view bookkeeping (microseconds per step, felt at small sizes).
   at::AutoDispatchBelowADInplaceOrView no_view_tracking;
-  const bool lstm = cell == Cell::kLstm;
+  const bool lstm = is_lstm(cell);
   const int64_t gates_per_unit = gate_count(cell);
   const int64_t steps = layout.steps, batch = layout.batch, rows = layout.rows;
   const int64_t features = x.size(1);
@@ -521,10 +533,12 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
   }
   const at::Tensor h0_c = h0.contiguous();
   const at::Tensor c0_c = lstm ? c0.contiguous() : at::Tensor();
+  const at::Tensor peephole_c = peephole.defined() ? peephole.contiguous() : at::Tensor();
   at::Tensor c_join, h_join;
 
   {
     RECORD_FUNCTION("lstm_ext::recurrence_backward", std::vector<c10::IValue>());
+    backend.set_peephole(peephole_c);
     backend.begin_backward(w_hh.contiguous(), cell);
     if (projected) {
       backend.begin_projection(w_hr->contiguous());
@@ -545,7 +559,9 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
                                         d_gates.data_ptr(),
                                         lstm ? nullptr : d_input_n.data_ptr(),
                                         d_h.data_ptr(),
-                                        lstm ? d_c.data_ptr() : nullptr};
+                                        lstm ? d_c.data_ptr() : nullptr,
+                                        peephole_c.defined() ? peephole_c.const_data_ptr()
+                                                             : nullptr};
       whole_recurrence = backend.backward_recurrence(args);
     }
     // Backward visits the steps in the opposite order of the forward recurrence.
@@ -593,7 +609,9 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
                                     d_c.data_ptr(),
                                     d_gates_t.data_ptr(),
                                     n,
-                                    hidden};
+                                    hidden,
+                                    peephole_c.defined() ? peephole_c.const_data_ptr() : nullptr,
+                                    cell == Cell::kLstmCoupled};
         backend.backward_pointwise(args, x.scalar_type());
       }
       backend.recurrent_gradient(d_gates_t, d_h_t, /*accumulate=*/false);
@@ -646,6 +664,17 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
     grads.grad_w_hr = at::empty({proj, hidden}, options);
     backend.matmul(d_h_total.t(), unprojected, grads.grad_w_hr, /*accumulate=*/false);
   }
+  if (peephole_c.defined()) {
+    // The peephole weights' gradients: sums over every row of d_i c_{t-1}, d_f c_{t-1} (none with
+    // coupled gates) and d_o c_t, from the gate gradients and the saved cell states.
+    const at::Tensor c_prev = gather_previous_hidden(cells, c0_c, layout, reverse);
+    const bool coupled = cell == Cell::kLstmCoupled;
+    const auto d_gate = [&](int64_t k) { return d_gates.narrow(1, k * hidden, hidden); };
+    grads.grad_peephole = at::stack(
+        {(d_gate(0) * c_prev).sum(0),
+         coupled ? at::zeros({hidden}, options) : (d_gate(1) * c_prev).sum(0),
+         (d_gate(coupled ? 2 : 3) * cells).sum(0)});
+  }
   grads.grad_h0 = d_h;
   grads.grad_c0 = lstm ? d_c : at::empty({0}, options);
   return grads;
@@ -656,42 +685,60 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
 // ---------------------------------------------------------------------------------------------
 // Op entry points: check, then run.
 
-ForwardResult lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
-                           const at::Tensor& w_ih, const at::Tensor& w_hh,
-                           const std::optional<at::Tensor>& b_ih,
-                           const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
-                           const std::optional<at::Tensor>& w_hr,
-                           const std::optional<at::Tensor>& batch_sizes, StepBackend& backend) {
-  constexpr const char* op = "lstm_ext::lstm_forward";
+// The LSTM's layer ops, plain and variant, share these two: `op` names the operator in messages.
+namespace {
+
+// The peephole weights [3, H] of a variant call, checked.
+at::Tensor checked_peephole(const char* op, const at::Tensor& input,
+                            const std::optional<at::Tensor>& peephole, int64_t hidden) {
+  if (!peephole.has_value()) {
+    return at::Tensor();
+  }
+  check_shape(op, *peephole, "peephole", {3, hidden}, "[3, H]");
+  check_same_device_and_dtype(op, input, "input", *peephole, "peephole");
+  return *peephole;
+}
+
+Cell lstm_cell_of(bool coupled) { return coupled ? Cell::kLstmCoupled : Cell::kLstm; }
+
+ForwardResult lstm_layer_forward(const char* op, const at::Tensor& input, const at::Tensor& h0,
+                                 const at::Tensor& c0, const at::Tensor& w_ih,
+                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                 const std::optional<at::Tensor>& b_hh,
+                                 const std::optional<at::Tensor>& peephole, bool coupled,
+                                 bool reverse, bool training,
+                                 const std::optional<at::Tensor>& w_hr,
+                                 const std::optional<at::Tensor>& batch_sizes,
+                                 StepBackend& backend) {
+  const Cell cell = lstm_cell_of(coupled);
   const StepLayout layout = input_layout(op, input, batch_sizes);
   const int64_t features = input.size(-1);
-  const LayerSizes sizes =
-      check_weights(Cell::kLstm, op, input, features, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const LayerSizes sizes = check_weights(cell, op, input, features, w_ih, w_hh, b_ih, b_hh, w_hr);
   const char* h_shape = w_hr.has_value() ? "[N, P]" : "[N, H]";
   check_state(op, input, h0, "h0", layout.batch, sizes.proj, h_shape);
   check_state(op, input, c0, "c0", layout.batch, sizes.hidden, "[N, H]");
+  const at::Tensor peephole_t = checked_peephole(op, input, peephole, sizes.hidden);
   auto [output, h_n, c_n, gates, cells, hidden] =
-      forward_unchecked(Cell::kLstm, flatten(input, layout, features), layout, h0, c0, w_ih, w_hh,
-                        b_ih, b_hh, w_hr, reverse, training, backend);
+      forward_unchecked(cell, flatten(input, layout, features), layout, h0, c0, w_ih, w_hh, b_ih,
+                        b_hh, w_hr, reverse, training, backend, peephole_t);
   return {unflatten(output, layout), h_n, c_n, unflatten(gates, layout), unflatten(cells, layout),
           unflatten(hidden, layout)};
 }
 
-BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                             const at::Tensor& grad_c_n, const at::Tensor& input,
-                             const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-                             const at::Tensor& w_hh, const at::Tensor& output,
-                             const at::Tensor& saved_gates, const at::Tensor& saved_cells,
-                             bool reverse, const std::optional<at::Tensor>& w_hr,
-                             const std::optional<at::Tensor>& batch_sizes,
-                             const std::optional<at::Tensor>& saved_hidden,
-                             StepBackend& backend) {
-  constexpr const char* op = "lstm_ext::_lstm_backward";
+LayerGradients lstm_layer_backward(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+    const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& peephole, bool coupled, const at::Tensor& output,
+    const at::Tensor& saved_gates, const at::Tensor& saved_cells, bool reverse,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& saved_hidden, StepBackend& backend) {
+  const Cell cell = lstm_cell_of(coupled);
+  const int64_t gates_per_unit = gate_count(cell);
   const StepLayout layout = input_layout(op, input, batch_sizes);
   const int64_t features = input.size(-1), batch = layout.batch;
   const LayerSizes sizes =
-      check_weights(Cell::kLstm, op, input, features, w_ih, w_hh, std::nullopt, std::nullopt,
-                    w_hr);
+      check_weights(cell, op, input, features, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const int64_t hidden = sizes.hidden, proj = sizes.proj;
   TORCH_CHECK(saved_gates.numel() > 0 || batch == 0, op,
               ": the forward pass was run with training=False, so nothing was saved for backward");
@@ -700,6 +747,7 @@ BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& gr
   check_state(op, input, c0, "c0", batch, hidden, "[N, H]");
   check_state(op, input, grad_h_n, "grad_h_n", batch, proj, h_shape);
   check_state(op, input, grad_c_n, "grad_c_n", batch, hidden, "[N, H]");
+  const at::Tensor peephole_t = checked_peephole(op, input, peephole, hidden);
   // The per-step tensors: [T, N, width], or [rows, width] when packed.
   const auto per_step = [&](int64_t width) -> std::vector<int64_t> {
     if (layout.packed()) {
@@ -716,7 +764,7 @@ BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& gr
   const char* p_text = w_hr.has_value() ? "P]" : "H]";
   check_per_step(grad_output, "grad_output", proj, p_text);
   check_per_step(output, "output", proj, p_text);
-  check_per_step(saved_gates, "saved_gates", 4 * hidden, "4H]");
+  check_per_step(saved_gates, "saved_gates", gates_per_unit * hidden, coupled ? "3H]" : "4H]");
   check_per_step(saved_cells, "saved_cells", hidden, "H]");
   at::Tensor unprojected;
   if (w_hr.has_value()) {
@@ -725,13 +773,75 @@ BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& gr
     check_per_step(*saved_hidden, "saved_hidden", hidden, "H]");
     unprojected = flatten(*saved_hidden, layout, hidden);
   }
-  const LayerGradients grads = backward_unchecked(
-      Cell::kLstm, flatten(grad_output, layout, proj), grad_h_n, grad_c_n,
+  LayerGradients grads = backward_unchecked(
+      cell, flatten(grad_output, layout, proj), grad_h_n, grad_c_n,
       flatten(input, layout, features), layout, h0, c0, w_ih, w_hh, w_hr,
-      flatten(output, layout, proj), flatten(saved_gates, layout, 4 * hidden),
-      flatten(saved_cells, layout, hidden), unprojected, reverse, backend);
-  return {unflatten(grads.grad_input, layout), grads.grad_h0, grads.grad_c0, grads.grad_w_ih,
+      flatten(output, layout, proj), flatten(saved_gates, layout, gates_per_unit * hidden),
+      flatten(saved_cells, layout, hidden), unprojected, reverse, backend, peephole_t);
+  grads.grad_input = unflatten(grads.grad_input, layout);
+  return grads;
+}
+
+}  // namespace
+
+ForwardResult lstm_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                           const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh, bool reverse, bool training,
+                           const std::optional<at::Tensor>& w_hr,
+                           const std::optional<at::Tensor>& batch_sizes, StepBackend& backend) {
+  return lstm_layer_forward("lstm_ext::lstm_forward", input, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                            std::nullopt, /*coupled=*/false, reverse, training, w_hr, batch_sizes,
+                            backend);
+}
+
+BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                             const at::Tensor& grad_c_n, const at::Tensor& input,
+                             const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const at::Tensor& output,
+                             const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+                             bool reverse, const std::optional<at::Tensor>& w_hr,
+                             const std::optional<at::Tensor>& batch_sizes,
+                             const std::optional<at::Tensor>& saved_hidden,
+                             StepBackend& backend) {
+  const LayerGradients grads = lstm_layer_backward(
+      "lstm_ext::_lstm_backward", grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
+      std::nullopt, /*coupled=*/false, output, saved_gates, saved_cells, reverse, w_hr,
+      batch_sizes, saved_hidden, backend);
+  return {grads.grad_input, grads.grad_h0, grads.grad_c0, grads.grad_w_ih,
           grads.grad_w_hh, grads.grad_b_hh, grads.grad_w_hr};
+}
+
+ForwardResult lstm_variant_forward(const at::Tensor& input, const at::Tensor& h0,
+                                   const at::Tensor& c0, const at::Tensor& w_ih,
+                                   const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                   const std::optional<at::Tensor>& b_hh,
+                                   const std::optional<at::Tensor>& peephole, bool coupled_gates,
+                                   bool reverse, bool training,
+                                   const std::optional<at::Tensor>& w_hr,
+                                   const std::optional<at::Tensor>& batch_sizes,
+                                   StepBackend& backend) {
+  return lstm_layer_forward("lstm_ext::lstm_variant_forward", input, h0, c0, w_ih, w_hh, b_ih,
+                            b_hh, peephole, coupled_gates, reverse, training, w_hr, batch_sizes,
+                            backend);
+}
+
+VariantBackwardResult lstm_variant_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& peephole, bool coupled_gates,
+    const at::Tensor& output, const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+    bool reverse, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& saved_hidden,
+    StepBackend& backend) {
+  const LayerGradients grads = lstm_layer_backward(
+      "lstm_ext::_lstm_variant_backward", grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih,
+      w_hh, peephole, coupled_gates, output, saved_gates, saved_cells, reverse, w_hr, batch_sizes,
+      saved_hidden, backend);
+  const at::Tensor grad_peephole =
+      grads.grad_peephole.defined() ? grads.grad_peephole : at::empty({0}, input.options());
+  return {grads.grad_input, grads.grad_h0,   grads.grad_c0,   grads.grad_w_ih,
+          grads.grad_w_hh,  grads.grad_b_hh, grads.grad_w_hr, grad_peephole};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(

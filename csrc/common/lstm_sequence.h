@@ -60,6 +60,7 @@ struct ForwardRecurrenceArgs {
   // LSTM: training: [T*N, H] out: c_t; inference: [N, H], c0 in, c_n out (in place).
   // GRU: training: [T*N, H] out: W_hn h_{t-1} + b_hn; inference: null.
   void* cells;
+  const void* peephole;  // LSTM variants: [3, H] (w_ci, w_cf, w_co), or null
 };
 
 struct BackwardRecurrenceArgs {
@@ -79,6 +80,7 @@ struct BackwardRecurrenceArgs {
   void* d_input_n;       // GRU: [T*N, H] out: gradient of W_in x_t + b_in
   void* d_h;             // [N, H]    in: grad_h_n; out: grad_h0
   void* d_c;             // LSTM: [N, H] in: grad_c_n; out: grad_c0
+  const void* peephole;  // LSTM variants: [3, H], or null
 };
 
 // Allocates one of the loop's large buffers (saved gates and cell states, gradients of the gates).
@@ -92,6 +94,10 @@ class StepBackend {
   // at::empty unless the device set its own allocator (the CPU caches large blocks, see
   // cpu/large_buffers.h).
   at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) const;
+
+  // The LSTM variants' peephole weights [3, H] (contiguous) for the next time loop, or an undefined
+  // tensor; set before begin_forward / begin_backward.
+  void set_peephole(const at::Tensor& peephole) { peephole_ = peephole; }
   void set_buffer_allocator(BufferAllocator allocate) { allocate_buffer_ = allocate; }
 
   // out = a b, or out += a b when `accumulate`. a [M, K] and b [K, Ncols] may be strided views
@@ -168,6 +174,7 @@ class StepBackend {
   PointwiseKernels kernels_;
   BufferAllocator allocate_buffer_ = nullptr;
   Cell cell_ = Cell::kLstm;
+  at::Tensor peephole_;
   at::Tensor w_hh_;
   at::Tensor w_hr_;
 };
@@ -202,6 +209,32 @@ BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& gr
                              bool reverse, const std::optional<at::Tensor>& w_hr,
                              const std::optional<at::Tensor>& batch_sizes,
                              const std::optional<at::Tensor>& saved_hidden, StepBackend& backend);
+
+// The LSTM variants' layer: lstm_forward with peephole weights [3, H] (rows w_ci, w_cf, w_co) or
+// none, and coupled input and forget gates (w_ih [3H, C], w_hh [3H, P], biases [3H] in gate order
+// i, g, o; saved_gates [T, N, 3H]).
+ForwardResult lstm_variant_forward(const at::Tensor& input, const at::Tensor& h0,
+                                   const at::Tensor& c0, const at::Tensor& w_ih,
+                                   const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                   const std::optional<at::Tensor>& b_hh,
+                                   const std::optional<at::Tensor>& peephole, bool coupled_gates,
+                                   bool reverse, bool training,
+                                   const std::optional<at::Tensor>& w_hr,
+                                   const std::optional<at::Tensor>& batch_sizes,
+                                   StepBackend& backend);
+
+// Its gradients: lstm_backward's, then grad_peephole [3, H] (empty without peepholes; its w_cf row
+// zero with coupled gates).
+using VariantBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                         at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+VariantBackwardResult lstm_variant_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& peephole, bool coupled_gates,
+    const at::Tensor& output, const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+    bool reverse, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& saved_hidden,
+    StepBackend& backend);
 
 // One step, as torch.nn.LSTMCell: input [N, C], hx/cx [N, H].
 // Returns (h [N, H], c [N, H], saved_gates [N, 4H], or empty when not training).

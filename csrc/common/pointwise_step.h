@@ -12,11 +12,18 @@
 
 namespace lstm_ext {
 
-// The cells the time loop runs. Both keep h_t; the LSTM also a cell state c_t.
-enum class Cell { kLstm, kGru };
+// The cells the time loop runs. All keep h_t; the LSTMs also a cell state c_t. kLstmCoupled is the
+// LSTM with coupled input and forget gates (f = 1 - i), whose weights have no forget rows. (The
+// LSTM's peephole option changes no shape: it travels as the peephole weights beside the cell.)
+enum class Cell { kLstm, kLstmCoupled, kGru };
 
-// Rows of w_ih and w_hh per hidden unit: the LSTM's i, f, g, o; the GRU's r, z, n.
+inline constexpr bool is_lstm(Cell cell) { return cell != Cell::kGru; }
+
+// Rows of w_ih and w_hh per hidden unit: the LSTM's i, f, g, o (coupled: i, g, o); the GRU's
+// r, z, n.
 inline constexpr int64_t gate_count(Cell cell) { return cell == Cell::kLstm ? 4 : 3; }
+// The LSTM's, with or without coupled gates.
+inline constexpr int64_t gate_count_of(bool coupled) { return coupled ? 3 : 4; }
 
 // One step of the LSTM's forward pointwise pass, over N x H units. Raw pointers keep the device kernel
 // files free of heavy headers; every buffer is contiguous, rows of length 4H (gates) or H.
@@ -28,6 +35,10 @@ struct ForwardStepArgs {
   int64_t batch;       // N
   int64_t hidden;      // H
   bool training;       // save the activated gates in place of the pre-activations
+  // The variants: peephole weights [3, H] (w_ci, w_cf, w_co) or null; coupled gates, with gates
+  // rows [N, 3H] of i, g, o (f = 1 - i). A coupled step saves i, g, o.
+  const void* peephole = nullptr;
+  bool coupled = false;
 };
 
 // One step of the LSTM's backward pointwise pass.
@@ -41,6 +52,8 @@ struct BackwardStepArgs {
   void* d_gates;            // [N, 4H] out: gradient of the gate pre-activations
   int64_t batch;
   int64_t hidden;
+  const void* peephole = nullptr;  // as ForwardStepArgs (coupled: gates and d_gates [N, 3H])
+  bool coupled = false;
 };
 
 // One step of the GRU's forward pointwise pass (see cell_math.h for the math).

@@ -38,9 +38,14 @@ struct LstmForwardOutput {
   int64_t rows;  // N
   // Save the activations with streaming stores (save_units); only for callers that fence after.
   bool stream_saved = false;
+  // The LSTM variants: peephole weights [3, H] or null; coupled gates, whose tiles hold i, g, o
+  // in their first three vectors (B packed with the cell's GateLayout) and rows [N, 3H].
+  const float* peephole = nullptr;
+  bool coupled = false;
 
+  int64_t gate_vecs() const { return coupled ? 3 : 4; }
   float* gate_ptr(int64_t row, int64_t panel, int64_t vec) const {
-    return gates + row * 4 * hidden + vec * hidden + panel * kVecWidth;
+    return gates + row * gate_vecs() * hidden + vec * hidden + panel * kVecWidth;
   }
   int64_t units(int64_t panel) const {
     return std::min<int64_t>(kVecWidth, hidden - panel * kVecWidth);
@@ -66,7 +71,7 @@ struct LstmForwardOutput {
   void prefetch(int64_t tile, int64_t panel, bool /*last*/) const {
     const int64_t row_end = std::min((tile + 1) * kTileRows, rows);
     for (int64_t row = tile * kTileRows; row < row_end; ++row) {
-      for (int64_t v = 0; v < kPanelVecs; ++v) {
+      for (int64_t v = 0; v < gate_vecs(); ++v) {
         __builtin_prefetch(gate_ptr(row, panel, v));
       }
       __builtin_prefetch(c_prev + row * hidden + panel * kVecWidth);
@@ -85,7 +90,8 @@ struct LstmForwardOutput {
     const int64_t count = units(panel);
     for (int64_t r = 0; r < kRows; ++r) {
       for (int64_t v = 0; v < kPanelVecs; ++v) {
-        acc[r][v] = load_units(gate_ptr(row0 + r, panel, v), count);
+        acc[r][v] = v < gate_vecs() ? RawVec(load_units(gate_ptr(row0 + r, panel, v), count))
+                                    : raw_broadcast(0.f);
       }
     }
   }
@@ -93,13 +99,17 @@ struct LstmForwardOutput {
   void store(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
     const int64_t count = units(panel);
     for (int64_t r = 0; r < kRows; ++r) {
-      for (int64_t v = 0; v < kPanelVecs; ++v) {
+      for (int64_t v = 0; v < gate_vecs(); ++v) {
         store_units(gate_ptr(row0 + r, panel, v), FloatVec(acc[r][v]), count);
       }
     }
   }
   template <int64_t kRows>
   void finish(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    if (peephole != nullptr || coupled) {
+      finish_variant<kRows>(row0, panel, acc);
+      return;
+    }
     const int64_t count = units(panel);
     const int64_t j = panel * kVecWidth;
     for (int64_t r = 0; r < kRows; ++r) {
@@ -115,6 +125,39 @@ struct LstmForwardOutput {
         save_units(gate_ptr(row, panel, 1), result.gates.f, count);
         save_units(gate_ptr(row, panel, 2), result.gates.g, count);
         save_units(gate_ptr(row, panel, 3), result.gates.o, count);
+      }
+    }
+  }
+
+  // finish for the LSTM variants (cell_math.h's lstm_variant_forward_unit).
+  template <int64_t kRows>
+  void finish_variant(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    const int64_t count = units(panel);
+    const int64_t j = panel * kVecWidth;
+    LstmVariantUnit<FloatVec> variant{peephole != nullptr, coupled, FloatVec(0.f), FloatVec(0.f),
+                                      FloatVec(0.f)};
+    if (peephole != nullptr) {
+      variant.w_ci = load_units(peephole + j, count);
+      variant.w_cf = load_units(peephole + hidden + j, count);
+      variant.w_co = load_units(peephole + 2 * hidden + j, count);
+    }
+    // Where each gate's vector is in the tile: coupled gates have no f.
+    const int64_t g_vec = coupled ? 1 : 2, o_vec = coupled ? 2 : 3;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t row = row0 + r;
+      const GatePreActivations<FloatVec> pre{FloatVec(acc[r][0]), FloatVec(acc[r][coupled ? 0 : 1]),
+                                             FloatVec(acc[r][g_vec]), FloatVec(acc[r][o_vec])};
+      const CellForwardResult<FloatVec> result = lstm_variant_forward_unit(
+          pre, load_units(c_prev + row * hidden + j, count), variant);
+      store_units(c + row * hidden + j, result.c, count);
+      store_units(h + row * hidden + j, result.h, count);
+      if (training) {
+        save_units(gate_ptr(row, panel, 0), result.gates.i, count);
+        if (!coupled) {
+          save_units(gate_ptr(row, panel, 1), result.gates.f, count);
+        }
+        save_units(gate_ptr(row, panel, g_vec), result.gates.g, count);
+        save_units(gate_ptr(row, panel, o_vec), result.gates.o, count);
       }
     }
   }
@@ -135,6 +178,11 @@ struct LstmBackwardOutput {
   int64_t hidden;
 
   int64_t rows;  // N
+  // The LSTM variants, as LstmForwardOutput (coupled: gates and d_gates rows [N, 3H]).
+  const float* peephole = nullptr;
+  bool coupled = false;
+
+  int64_t gate_count() const { return coupled ? 3 : 4; }
 
   // Requests the cache lines the epilogue of tile `tile` of `panel` reads: the saved gates and
   // states of step t (written by the forward pass, long out of cache), d_output and d_c.
@@ -149,8 +197,8 @@ struct LstmBackwardOutput {
         if (j >= hidden) {
           break;
         }
-        const float* gates_row = gates + row * 4 * hidden + j;
-        for (int64_t gate = 0; gate < 4; ++gate) {
+        const float* gates_row = gates + row * gate_count() * hidden + j;
+        for (int64_t gate = 0; gate < gate_count(); ++gate) {
           __builtin_prefetch(gates_row + gate * hidden);
         }
         const int64_t unit = row * hidden + j;
@@ -176,6 +224,10 @@ struct LstmBackwardOutput {
   }
   template <int64_t kRows>
   void finish(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    if (peephole != nullptr || coupled) {
+      finish_variant<kRows>(row0, panel, acc);
+      return;
+    }
     for (int64_t r = 0; r < kRows; ++r) {
       const int64_t row = row0 + r;
       for (int64_t v = 0; v < kPanelVecs; ++v) {
@@ -199,6 +251,48 @@ struct LstmBackwardOutput {
         store(d_gates_row + hidden, result.d_f);
         store(d_gates_row + 2 * hidden, result.d_g);
         store(d_gates_row + 3 * hidden, result.d_o);
+        store(d_c + unit, result.d_c_prev);
+      }
+    }
+  }
+
+  // finish for the LSTM variants (cell_math.h's lstm_variant_backward_unit).
+  template <int64_t kRows>
+  void finish_variant(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    const int64_t width = gate_count() * hidden;
+    const int64_t g_at = (coupled ? 1 : 2) * hidden, o_at = (coupled ? 2 : 3) * hidden;
+    for (int64_t v = 0; v < kPanelVecs; ++v) {
+      const int64_t j = panel * kPanelWidth + v * kVecWidth;
+      const int64_t count = std::min<int64_t>(kVecWidth, hidden - j);
+      if (count <= 0) {
+        break;
+      }
+      const auto load = [count](const float* p) { return load_units(p, count); };
+      const auto store = [count](float* p, const FloatVec& x) { store_units(p, x, count); };
+      LstmVariantUnit<FloatVec> variant{peephole != nullptr, coupled, FloatVec(0.f),
+                                        FloatVec(0.f), FloatVec(0.f)};
+      if (peephole != nullptr) {
+        variant.w_ci = load(peephole + j);
+        variant.w_cf = load(peephole + hidden + j);
+        variant.w_co = load(peephole + 2 * hidden + j);
+      }
+      for (int64_t r = 0; r < kRows; ++r) {
+        const int64_t row = row0 + r;
+        const float* gates_row = gates + row * width + j;
+        const FloatVec i = load(gates_row);
+        const GateActivations<FloatVec> act{i, coupled ? FloatVec(1.f) - i : load(gates_row + hidden),
+                                            load(gates_row + g_at), load(gates_row + o_at)};
+        const int64_t unit = row * hidden + j;
+        const FloatVec d_h_total = FloatVec(acc[r][v]) + load(d_output + unit);
+        const CellBackwardResult<FloatVec> result = lstm_variant_backward_unit(
+            act, load(c + unit), load(c_prev + unit), d_h_total, load(d_c + unit), variant);
+        float* d_gates_row = d_gates + row * width + j;
+        store(d_gates_row, result.d_i);
+        if (!coupled) {
+          store(d_gates_row + hidden, result.d_f);
+        }
+        store(d_gates_row + g_at, result.d_g);
+        store(d_gates_row + o_at, result.d_o);
         store(d_c + unit, result.d_c_prev);
       }
     }
@@ -366,6 +460,19 @@ inline void team_barrier(int64_t threads) {
   }
 }
 
+// How W_hh^T (and W_ih^T when an LSTM step fuses its input projection) is packed in gate order.
+inline GateLayout recurrent_gate_layout(Cell cell) {
+  switch (cell) {
+    case Cell::kLstm:
+      return kLstmGates;
+    case Cell::kLstmCoupled:
+      return GateLayout{3, {0, 1, 2, -1}};  // i, g, o
+    case Cell::kGru:
+      return kGruRecurrentGates;
+  }
+  return kLstmGates;
+}
+
 class FusedFloatBackend final : public StepBackend {
  public:
   explicit FusedFloatBackend(const PointwiseKernels& kernels) : StepBackend(kernels) {}
@@ -461,24 +568,29 @@ class FusedFloatBackend final : public StepBackend {
       // B = W_hh^T: element (k, col) = w_hh[col][k]; gate order for the fused epilogue.
       packed_w_hh_ = pack_b(w_hh.const_data_ptr<float>(), /*k_stride=*/1,
                             /*col_stride=*/w_hh.stride(0), w_hh.size(1), w_hh.size(0),
-                            ColumnOrder::kGates,
-                            cell == Cell::kLstm ? kLstmGates : kGruRecurrentGates);
+                            ColumnOrder::kGates, recurrent_gate_layout(cell));
     }
   }
 
   void forward_step(const at::Tensor& h_prev, at::Tensor& gates, const at::Tensor& c_prev,
                     at::Tensor& c, at::Tensor& h, bool training) override {
-    if (cell_ != Cell::kLstm || packed_w_hh_.k == 0 || packed_w_hh_.panels == 0) {
+    if (!is_lstm(cell_) || packed_w_hh_.k == 0 || packed_w_hh_.panels == 0) {
       StepBackend::forward_step(h_prev, gates, c_prev, c, h, training);
       return;
     }
     if (gates.size(0) == 0) {
       return;
     }
-    const LstmForwardOutput out{gates.data_ptr<float>(), c_prev.const_data_ptr<float>(),
-                                c.data_ptr<float>(),     h.data_ptr<float>(),
-                                hidden_,                 training,
-                                gates.size(0)};
+    const LstmForwardOutput out{gates.data_ptr<float>(),
+                                c_prev.const_data_ptr<float>(),
+                                c.data_ptr<float>(),
+                                h.data_ptr<float>(),
+                                hidden_,
+                                training,
+                                gates.size(0),
+                                /*stream_saved=*/false,
+                                peephole_ptr(),
+                                cell_ == Cell::kLstmCoupled};
     const OperandA a_operand{h_prev.const_data_ptr<float>(), h_prev.stride(0), h_prev.stride(1)};
     packed_gemm(a_operand, gates.size(0), packed_w_hh_, out, /*accumulate=*/true);
   }
@@ -531,7 +643,7 @@ class FusedFloatBackend final : public StepBackend {
       return true;
     }
     const PackedB& b = packed_w_hh_;
-    if (args.cell != Cell::kLstm || b.k == 0 || b.panels == 0 || args.batch == 0) {
+    if (!is_lstm(args.cell) || b.k == 0 || b.panels == 0 || args.batch == 0) {
       return false;
     }
     const int64_t batch = args.batch;
@@ -591,10 +703,13 @@ class FusedFloatBackend final : public StepBackend {
       return true;
     }
     const int64_t batch = args.batch, hidden = args.hidden;
-    const int64_t gate_stride = batch * 4 * hidden, state_stride = batch * hidden;
+    const bool coupled = args.cell == Cell::kLstmCoupled;
+    const int64_t width = gate_count(args.cell) * hidden;  // of a gates row
+    const int64_t gate_stride = batch * width, state_stride = batch * hidden;
     const auto* gates = static_cast<const float*>(args.gates);
     const auto* cells = static_cast<const float*>(args.cells);
     const auto* c0 = static_cast<const float*>(args.c0);
+    const auto* peephole = static_cast<const float*>(args.peephole);
     const auto* d_output = static_cast<const float*>(args.d_output);
     auto* d_gates = static_cast<float*>(args.d_gates);
     auto* d_h = static_cast<float*>(args.d_h);
@@ -616,14 +731,16 @@ class FusedFloatBackend final : public StepBackend {
                  : cells + step_time(forward_k - 1, steps, args.reverse) * state_stride) +
             r0 * hidden;
         const LstmBackwardOutput out{d_h_out,
-                                     gates + t * gate_stride + r0 * 4 * hidden,
+                                     gates + t * gate_stride + r0 * width,
                                      cells + t * state_stride + r0 * hidden,
                                      c_prev,
                                      d_output + t * state_stride + r0 * hidden,
                                      d_c + r0 * hidden,
-                                     d_gates + t * gate_stride + r0 * 4 * hidden,
+                                     d_gates + t * gate_stride + r0 * width,
                                      hidden,
-                                     rows};
+                                     rows,
+                                     peephole,
+                                     coupled};
         if (k == 0) {
           // The gradient reaching h_t from outside the sequence is grad_h_n, already in d_h.
           for (int64_t p = share.panel_begin; p < share.panel_end; ++p) {
@@ -635,7 +752,7 @@ class FusedFloatBackend final : public StepBackend {
           }
         } else {
           packed_gemm_panels(
-              OperandA{d_gates + later_t * gate_stride + r0 * 4 * hidden, b.k, 1}, rows, b, out,
+              OperandA{d_gates + later_t * gate_stride + r0 * width, b.k, 1}, rows, b, out,
               /*accumulate=*/false, share.panel_begin, share.panel_end);
         }
         later_t = t;
@@ -644,7 +761,7 @@ class FusedFloatBackend final : public StepBackend {
         }
       }
       // grad_h0: the gradient through the first step's recurrent GEMM.
-      packed_gemm_panels(OperandA{d_gates + later_t * gate_stride + r0 * 4 * hidden, b.k, 1},
+      packed_gemm_panels(OperandA{d_gates + later_t * gate_stride + r0 * width, b.k, 1},
                          rows, b, d_h_out, /*accumulate=*/false, share.panel_begin,
                          share.panel_end);
     });
@@ -670,7 +787,8 @@ class FusedFloatBackend final : public StepBackend {
     const int64_t batch = args.batch, hidden = args.hidden, features = args.features;
     // B = W_ih^T in gate order, like W_hh: element (k, col) = w_ih[col][k].
     const PackedB w_ih = pack_b(static_cast<const float*>(args.w_ih), /*k_stride=*/1,
-                                /*col_stride=*/features, features, 4 * hidden, ColumnOrder::kGates);
+                                /*col_stride=*/features, features, gate_count(args.cell) * hidden,
+                                ColumnOrder::kGates, recurrent_gate_layout(args.cell));
     const PackedB& w_hh = packed_w_hh_;
     const auto* input = static_cast<const float*>(args.input);
     const PlainOutput bias{nullptr, 0, &w_ih, static_cast<const float*>(args.bias)};
@@ -749,11 +867,14 @@ class FusedFloatBackend final : public StepBackend {
                           r0 * hidden;
     float* c = (args.training ? cells + t * batch * hidden : cells) + r0 * hidden;
     // gates is null when the input projection is fused and not training.
-    float* step_gates = gates != nullptr ? gates + (t * batch + r0) * 4 * hidden : nullptr;
+    const bool coupled = args.cell == Cell::kLstmCoupled;
+    const int64_t width = gate_count(args.cell) * hidden;
+    float* step_gates = gates != nullptr ? gates + (t * batch + r0) * width : nullptr;
     return {t,
             h_prev,
             LstmForwardOutput{step_gates, c_prev, c, output + (t * batch + r0) * hidden, hidden,
-                              args.training, rows, /*stream_saved=*/true}};
+                              args.training, rows, /*stream_saved=*/true,
+                              static_cast<const float*>(args.peephole), coupled}};
   }
 
   // One tile of a GRU step: acc = bias + x_t W_ih^T (when the input projection is fused) +
@@ -908,6 +1029,10 @@ class FusedFloatBackend final : public StepBackend {
                          rows, b, d_h_out, /*accumulate=*/true, share.panel_begin,
                          share.panel_end);
     });
+  }
+
+  const float* peephole_ptr() const {
+    return peephole_.defined() ? peephole_.const_data_ptr<float>() : nullptr;
   }
 
   int64_t hidden_ = 0;

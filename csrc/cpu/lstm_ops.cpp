@@ -108,6 +108,31 @@ lstm_cell_backward_cpu(const at::Tensor& grad_h, const at::Tensor& grad_c, const
   return lstm_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, c, saved_gates, backend);
 }
 
+ForwardResult lstm_variant_forward_cpu(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& peephole,
+    bool coupled_gates, bool reverse, bool training, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes) {
+  const auto backend = make_backend(input, batch_sizes);
+  return lstm_variant_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, coupled_gates,
+                              reverse, training, w_hr, batch_sizes, *backend);
+}
+
+VariantBackwardResult lstm_variant_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& peephole, bool coupled_gates,
+    const at::Tensor& output, const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+    bool reverse, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& saved_hidden) {
+  const auto backend = make_backend(input, batch_sizes);
+  return lstm_variant_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
+                               peephole, coupled_gates, output, saved_gates, saved_cells, reverse,
+                               w_hr, batch_sizes, saved_hidden, *backend);
+}
+
 GruLayerResult gru_forward_cpu(const at::Tensor& input, const at::Tensor& h0,
                                const at::Tensor& w_ih, const at::Tensor& w_hh,
                                const std::optional<at::Tensor>& b_ih,
@@ -155,6 +180,8 @@ TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
   m.impl("_lstm_backward", &lstm_ext::cpu::lstm_backward_cpu);
   m.impl("lstm_cell_forward", &lstm_ext::cpu::lstm_cell_forward_cpu);
   m.impl("_lstm_cell_backward", &lstm_ext::cpu::lstm_cell_backward_cpu);
+  m.impl("lstm_variant_forward", &lstm_ext::cpu::lstm_variant_forward_cpu);
+  m.impl("_lstm_variant_backward", &lstm_ext::cpu::lstm_variant_backward_cpu);
   m.impl("gru_forward", &lstm_ext::cpu::gru_forward_cpu);
   m.impl("_gru_backward", &lstm_ext::cpu::gru_backward_cpu);
   m.impl("gru_cell_forward", &lstm_ext::cpu::gru_cell_forward_cpu);

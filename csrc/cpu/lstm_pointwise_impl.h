@@ -270,6 +270,98 @@ void for_each_unit(int64_t batch, int64_t hidden, const Units& units) {
   });
 }
 
+// The LSTM variants' passes (peepholes, coupled gates); the plain LSTM keeps the passes above.
+
+// The options of unit j: its peephole weights (rows w_ci, w_cf, w_co of peephole [3, H]).
+template <typename V, typename scalar_t, typename Load>
+inline LstmVariantUnit<V> variant_unit(const void* peephole, bool coupled, int64_t hidden,
+                                       int64_t j, Load load) {
+  if (peephole == nullptr) {
+    return {false, coupled, V(0), V(0), V(0)};
+  }
+  const auto* p = static_cast<const scalar_t*>(peephole) + j;
+  return {true, coupled, load(p), load(p + hidden), load(p + 2 * hidden)};
+}
+
+// Where gate k of a unit sits in a gates row: i, f, g, o, or with coupled gates i, g, o (no f).
+struct GateOffsets {
+  int64_t i, f, g, o;
+  GateOffsets(bool coupled, int64_t hidden)
+      : i(0), f(coupled ? -1 : hidden), g((coupled ? 1 : 2) * hidden),
+        o((coupled ? 2 : 3) * hidden) {}
+};
+
+template <typename scalar_t, bool kTraining, typename V, typename Load, typename Store>
+inline void variant_forward_units(const ForwardStepArgs& a, int64_t n, int64_t j, Load load,
+                                  Store store) {
+  const int64_t hidden = a.hidden;
+  const GateOffsets at(a.coupled, hidden);
+  auto* gates = static_cast<scalar_t*>(a.gates) + n * gate_count_of(a.coupled) * hidden + j;
+  const int64_t unit = n * hidden + j;
+  const V pre_i = load(gates + at.i);
+  const GatePreActivations<V> pre{pre_i, a.coupled ? pre_i : load(gates + at.f),
+                                  load(gates + at.g), load(gates + at.o)};
+  const CellForwardResult<V> r = lstm_variant_forward_unit(
+      pre, load(static_cast<const scalar_t*>(a.c_prev) + unit),
+      variant_unit<V, scalar_t>(a.peephole, a.coupled, hidden, j, load));
+  store(static_cast<scalar_t*>(a.c) + unit, r.c);
+  store(static_cast<scalar_t*>(a.h) + unit, r.h);
+  if constexpr (kTraining) {
+    store(gates + at.i, r.gates.i);
+    if (!a.coupled) {
+      store(gates + at.f, r.gates.f);
+    }
+    store(gates + at.g, r.gates.g);
+    store(gates + at.o, r.gates.o);
+  }
+}
+
+template <typename scalar_t, typename V, typename Load, typename Store>
+inline void variant_backward_units(const BackwardStepArgs& a, int64_t n, int64_t j, Load load,
+                                   Store store) {
+  const int64_t hidden = a.hidden;
+  const GateOffsets at(a.coupled, hidden);
+  const int64_t row_width = gate_count_of(a.coupled) * hidden;
+  const auto* gates = static_cast<const scalar_t*>(a.gates) + n * row_width + j;
+  const int64_t unit = n * hidden + j;
+  const V i = load(gates + at.i);
+  const GateActivations<V> act{i, a.coupled ? V(1) - i : load(gates + at.f), load(gates + at.g),
+                               load(gates + at.o)};
+  const V d_h = load(static_cast<const scalar_t*>(a.d_h_output) + unit) +
+                load(static_cast<const scalar_t*>(a.d_h_recurrent) + unit);
+  auto* d_c = static_cast<scalar_t*>(a.d_c) + unit;
+  const CellBackwardResult<V> r = lstm_variant_backward_unit(
+      act, load(static_cast<const scalar_t*>(a.c) + unit),
+      load(static_cast<const scalar_t*>(a.c_prev) + unit), d_h, load(d_c),
+      variant_unit<V, scalar_t>(a.peephole, a.coupled, hidden, j, load));
+  auto* d_gates = static_cast<scalar_t*>(a.d_gates) + n * row_width + j;
+  store(d_gates + at.i, r.d_i);
+  if (!a.coupled) {
+    store(d_gates + at.f, r.d_f);
+  }
+  store(d_gates + at.g, r.d_g);
+  store(d_gates + at.o, r.d_o);
+  store(d_c, r.d_c_prev);
+}
+
+template <typename scalar_t, bool kTraining>
+struct VariantForwardUnits {
+  const ForwardStepArgs& args;
+  template <typename V, typename Load, typename Store>
+  void operator()(int64_t n, int64_t j, Load load, Store store) const {
+    variant_forward_units<scalar_t, kTraining, V>(args, n, j, load, store);
+  }
+};
+
+template <typename scalar_t>
+struct VariantBackwardUnits {
+  const BackwardStepArgs& args;
+  template <typename V, typename Load, typename Store>
+  void operator()(int64_t n, int64_t j, Load load, Store store) const {
+    variant_backward_units<scalar_t, V>(args, n, j, load, store);
+  }
+};
+
 // for_each_unit's callables for the GRU passes.
 template <typename scalar_t, bool kTraining>
 struct GruForwardUnits {
@@ -309,7 +401,13 @@ inline void gru_backward_step(const GruBackwardStepArgs& args, c10::ScalarType d
 
 inline void forward_step(const ForwardStepArgs& args, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_ext_cpu_forward_step", [&] {
-    if (args.training) {
+    if (args.peephole != nullptr || args.coupled) {
+      if (args.training) {
+        for_each_unit<scalar_t>(args.batch, args.hidden, VariantForwardUnits<scalar_t, true>{args});
+      } else {
+        for_each_unit<scalar_t>(args.batch, args.hidden, VariantForwardUnits<scalar_t, false>{args});
+      }
+    } else if (args.training) {
       forward_step_typed<scalar_t, true>(args);
     } else {
       forward_step_typed<scalar_t, false>(args);
@@ -319,7 +417,13 @@ inline void forward_step(const ForwardStepArgs& args, c10::ScalarType dtype) {
 
 inline void backward_step(const BackwardStepArgs& args, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_ext_cpu_backward_step",
-                                  [&] { backward_step_typed<scalar_t>(args); });
+                                  [&] {
+    if (args.peephole != nullptr || args.coupled) {
+      for_each_unit<scalar_t>(args.batch, args.hidden, VariantBackwardUnits<scalar_t>{args});
+    } else {
+      backward_step_typed<scalar_t>(args);
+    }
+  });
 }
 
 }  // namespace CPU_CAPABILITY

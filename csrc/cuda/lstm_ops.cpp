@@ -75,6 +75,33 @@ lstm_cell_backward_cuda(const at::Tensor& grad_h, const at::Tensor& grad_c,
                             backend);
 }
 
+ForwardResult lstm_variant_forward_cuda(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& peephole,
+    bool coupled_gates, bool reverse, bool training, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes) {
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  StepBackend backend(pointwise_kernels());
+  return lstm_variant_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, coupled_gates,
+                              reverse, training, w_hr, batch_sizes, backend);
+}
+
+VariantBackwardResult lstm_variant_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& peephole, bool coupled_gates,
+    const at::Tensor& output, const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+    bool reverse, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& saved_hidden) {
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
+  StepBackend backend(pointwise_kernels());
+  return lstm_variant_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
+                               peephole, coupled_gates, output, saved_gates, saved_cells, reverse,
+                               w_hr, batch_sizes, saved_hidden, backend);
+}
+
 GruLayerResult gru_forward_cuda(const at::Tensor& input, const at::Tensor& h0,
                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
                                 const std::optional<at::Tensor>& b_ih,
@@ -122,6 +149,8 @@ TORCH_LIBRARY_IMPL(lstm_ext, CUDA, m) {
   m.impl("_lstm_backward", &lstm_ext::cuda::lstm_backward_cuda);
   m.impl("lstm_cell_forward", &lstm_ext::cuda::lstm_cell_forward_cuda);
   m.impl("_lstm_cell_backward", &lstm_ext::cuda::lstm_cell_backward_cuda);
+  m.impl("lstm_variant_forward", &lstm_ext::cuda::lstm_variant_forward_cuda);
+  m.impl("_lstm_variant_backward", &lstm_ext::cuda::lstm_variant_backward_cuda);
   m.impl("gru_forward", &lstm_ext::cuda::gru_forward_cuda);
   m.impl("_gru_backward", &lstm_ext::cuda::gru_backward_cuda);
   m.impl("gru_cell_forward", &lstm_ext::cuda::gru_cell_forward_cuda);

@@ -115,6 +115,81 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
+// The LSTM variants' passes (peepholes [3, H] or null; coupled gates: rows [i | g | o]).
+template <typename V, typename scalar_t>
+__device__ inline LstmVariantUnit<V> variant_unit(const scalar_t* peephole, bool coupled,
+                                                  int64_t hidden, int64_t j) {
+  if (peephole == nullptr) {
+    return {false, coupled, V(0), V(0), V(0)};
+  }
+  return {true, coupled, static_cast<V>(peephole[j]), static_cast<V>(peephole[hidden + j]),
+          static_cast<V>(peephole[2 * hidden + j])};
+}
+
+template <typename scalar_t, bool kTraining>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    variant_forward_step_kernel(scalar_t* gates, const scalar_t* c_prev, scalar_t* c,
+                                scalar_t* __restrict__ h, const scalar_t* __restrict__ peephole,
+                                bool coupled, int64_t batch, int64_t hidden) {
+  using V = at::opmath_type<scalar_t>;
+  const int64_t units = batch * hidden;
+  const int64_t f_at = hidden, g_at = (coupled ? 1 : 2) * hidden, o_at = (coupled ? 2 : 3) * hidden;
+  for (UnitCursor u(hidden); u.in(units); u.next()) {
+    scalar_t* g = gates + u.gate_offset(coupled ? 3 : 4);
+    const V pre_i = static_cast<V>(g[0]);
+    const GatePreActivations<V> pre{pre_i, coupled ? pre_i : static_cast<V>(g[f_at]),
+                                    static_cast<V>(g[g_at]), static_cast<V>(g[o_at])};
+    const CellForwardResult<V> r = lstm_variant_forward_unit(
+        pre, static_cast<V>(c_prev[u.unit()]),
+        variant_unit<V>(peephole, coupled, hidden, u.column()));
+    c[u.unit()] = static_cast<scalar_t>(r.c);
+    h[u.unit()] = static_cast<scalar_t>(r.h);
+    if constexpr (kTraining) {
+      g[0] = static_cast<scalar_t>(r.gates.i);
+      if (!coupled) {
+        g[f_at] = static_cast<scalar_t>(r.gates.f);
+      }
+      g[g_at] = static_cast<scalar_t>(r.gates.g);
+      g[o_at] = static_cast<scalar_t>(r.gates.o);
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    variant_backward_step_kernel(const scalar_t* __restrict__ gates,
+                                 const scalar_t* __restrict__ c,
+                                 const scalar_t* __restrict__ c_prev,
+                                 const scalar_t* __restrict__ d_h_output,
+                                 const scalar_t* __restrict__ d_h_recurrent,
+                                 scalar_t* __restrict__ d_c, scalar_t* __restrict__ d_gates,
+                                 const scalar_t* __restrict__ peephole, bool coupled,
+                                 int64_t batch, int64_t hidden) {
+  using V = at::opmath_type<scalar_t>;
+  const int64_t units = batch * hidden;
+  const int64_t f_at = hidden, g_at = (coupled ? 1 : 2) * hidden, o_at = (coupled ? 2 : 3) * hidden;
+  for (UnitCursor u(hidden); u.in(units); u.next()) {
+    const int64_t k = u.unit();
+    const int64_t offset = u.gate_offset(coupled ? 3 : 4);
+    const scalar_t* a = gates + offset;
+    const V i = static_cast<V>(a[0]);
+    const GateActivations<V> act{i, coupled ? V(1) - i : static_cast<V>(a[f_at]),
+                                 static_cast<V>(a[g_at]), static_cast<V>(a[o_at])};
+    const V d_h = static_cast<V>(d_h_output[k]) + static_cast<V>(d_h_recurrent[k]);
+    const CellBackwardResult<V> r = lstm_variant_backward_unit(
+        act, static_cast<V>(c[k]), static_cast<V>(c_prev[k]), d_h, static_cast<V>(d_c[k]),
+        variant_unit<V>(peephole, coupled, hidden, u.column()));
+    scalar_t* dg = d_gates + offset;
+    dg[0] = static_cast<scalar_t>(r.d_i);
+    if (!coupled) {
+      dg[f_at] = static_cast<scalar_t>(r.d_f);
+    }
+    dg[g_at] = static_cast<scalar_t>(r.d_g);
+    dg[o_at] = static_cast<scalar_t>(r.d_o);
+    d_c[k] = static_cast<scalar_t>(r.d_c_prev);
+  }
+}
+
 // The GRU's passes (gates rows [r | z | n]). `d_h` is read and overwritten in place by the unit
 // that owns the element (gradient of h_t in, the direct part of h_{t-1}'s out).
 template <typename scalar_t, bool kTraining>
@@ -187,6 +262,15 @@ void launch_forward_step(const ForwardStepArgs& a) {
   const auto* c_prev = static_cast<const scalar_t*>(a.c_prev);
   auto* c = static_cast<scalar_t*>(a.c);
   auto* h = static_cast<scalar_t*>(a.h);
+  if (a.peephole != nullptr || a.coupled) {
+    const auto kernel = a.training ? &variant_forward_step_kernel<scalar_t, true>
+                                   : &variant_forward_step_kernel<scalar_t, false>;
+    kernel<<<blocks_for(units), kThreadsPerBlock, 0, stream>>>(
+        gates, c_prev, c, h, static_cast<const scalar_t*>(a.peephole), a.coupled, a.batch,
+        a.hidden);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   if (a.training) {
     forward_step_kernel<scalar_t, true><<<blocks_for(units), kThreadsPerBlock, 0, stream>>>(
         gates, c_prev, c, h, a.batch, a.hidden);
@@ -205,6 +289,16 @@ void launch_backward_step(const BackwardStepArgs& a) {
     return;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (a.peephole != nullptr || a.coupled) {
+    variant_backward_step_kernel<scalar_t><<<blocks_for(units), kThreadsPerBlock, 0, stream>>>(
+        static_cast<const scalar_t*>(a.gates), static_cast<const scalar_t*>(a.c),
+        static_cast<const scalar_t*>(a.c_prev), static_cast<const scalar_t*>(a.d_h_output),
+        static_cast<const scalar_t*>(a.d_h_recurrent), static_cast<scalar_t*>(a.d_c),
+        static_cast<scalar_t*>(a.d_gates), static_cast<const scalar_t*>(a.peephole), a.coupled,
+        a.batch, a.hidden);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   backward_step_kernel<scalar_t><<<blocks_for(units), kThreadsPerBlock, 0, stream>>>(
       static_cast<const scalar_t*>(a.gates), static_cast<const scalar_t*>(a.c),
       static_cast<const scalar_t*>(a.c_prev), static_cast<const scalar_t*>(a.d_h_output),

@@ -40,18 +40,23 @@ TORCH_LIBRARY(lstm_ext, m) {
 
   // The LSTM variants: lstm_forward with peephole weights [3, H] (rows w_ci, w_cf, w_co: i and f
   // read c_{t-1}, o reads c_t) and/or coupled input and forget gates (f = 1 - i; w_ih [3H, C],
-  // w_hh [3H, P], biases [3H] in gate order i, g, o; saved_gates [T, N, 3H]).
+  // w_hh [3H, P], biases [3H] in gate order i, g, o; saved_gates [T, N, 3H]), and/or zoneout
+  // (Krueger et al.: each unit of h_t and c_t keeps its previous value; training: 0/1 keep masks
+  // zoneout_h, zoneout_c [T, N, H] (packed [rows, H]); eval: keep probability `zoneout`). With
+  // zoneout saved_hidden holds c_t before zoneout.
   m.def(
       "lstm_variant_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? peephole, bool coupled_gates, bool reverse, "
-      "bool training, Tensor? w_hr=None, Tensor? batch_sizes=None) -> (Tensor output, "
-      "Tensor h_n, Tensor c_n, Tensor saved_gates, Tensor saved_cells, Tensor saved_hidden)");
+      "bool training, Tensor? w_hr=None, Tensor? batch_sizes=None, Tensor? zoneout_h=None, "
+      "Tensor? zoneout_c=None, float zoneout=0.0) -> (Tensor output, Tensor h_n, Tensor c_n, "
+      "Tensor saved_gates, Tensor saved_cells, Tensor saved_hidden)");
   // Its gradients: _lstm_backward's, then grad_peephole [3, H] (empty without peepholes).
   m.def(
       "_lstm_variant_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? peephole, "
       "bool coupled_gates, Tensor output, Tensor saved_gates, Tensor saved_cells, bool reverse, "
-      "Tensor? w_hr=None, Tensor? batch_sizes=None, Tensor? saved_hidden=None) -> "
+      "Tensor? w_hr=None, Tensor? batch_sizes=None, Tensor? saved_hidden=None, "
+      "Tensor? zoneout_h=None, Tensor? zoneout_c=None, float zoneout=0.0) -> "
       "(Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr, Tensor grad_peephole)");
 

@@ -1030,6 +1030,9 @@ def lstm_variant_forward(
     training: bool = False,
     w_hr: Tensor | None = None,
     batch_sizes: Tensor | None = None,
+    zoneout_h: Tensor | None = None,
+    zoneout_c: Tensor | None = None,
+    zoneout: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`lstm_forward` for an LSTM variant.
 
@@ -1038,18 +1041,23 @@ def lstm_variant_forward(
             ``w_ci * c_{t-1}``, ``w_cf * c_{t-1}``; ``o`` reads ``w_co * c_t``.
         coupled_gates: ``f = 1 - i``; the weights have no forget rows (w_ih ``[3H, C]``, w_hh
             ``[3H, P]``, biases ``[3H]``, gate order i, g, o) and saved_gates is ``[T, N, 3H]``.
+        zoneout_h, zoneout_c: zoneout's training masks, 1 where a unit of h_t (c_t) keeps its
+            previous value, ``[T, N, H]`` (packed ``[rows, H]``), both or neither.
+        zoneout: without masks, the probability of keeping (eval: the expectation
+            ``zoneout * previous + (1 - zoneout) * new``); 0 turns zoneout off. Zoneout excludes
+            projections; with it saved_hidden holds each step's c_t before zoneout.
         The rest: as :func:`lstm_forward`.
     """
     return torch.ops.lstm_ext.lstm_variant_forward.default(
         input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, coupled_gates, reverse, training, w_hr,
-        batch_sizes,
+        batch_sizes, zoneout_h, zoneout_c, zoneout,
     )
 
 
 @torch.library.register_fake("lstm_ext::lstm_variant_forward")
 def _lstm_variant_forward_fake(
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, coupled_gates, reverse, training, w_hr=None,
-    batch_sizes=None,
+    batch_sizes=None, zoneout_h=None, zoneout_c=None, zoneout=0.0,
 ):
     hidden = c0.shape[1]
     proj = w_hh.shape[1]
@@ -1060,7 +1068,10 @@ def _lstm_variant_forward_fake(
     if not training:
         return output, h_n, c_n, input.new_empty(0), input.new_empty(0), input.new_empty(0)
     gates = (3 if coupled_gates else 4) * hidden
-    saved_hidden = input.new_empty(*steps, hidden) if w_hr is not None else input.new_empty(0)
+    zoned = zoneout_h is not None or zoneout > 0
+    saved_hidden = (
+        input.new_empty(*steps, hidden) if w_hr is not None or zoned else input.new_empty(0)
+    )
     return (
         output, h_n, c_n, input.new_empty(*steps, gates), input.new_empty(*steps, hidden),
         saved_hidden,
@@ -1071,6 +1082,7 @@ def _lstm_variant_forward_fake(
 def _lstm_variant_backward_fake(
     grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, peephole, coupled_gates, output,
     saved_gates, saved_cells, reverse, w_hr=None, batch_sizes=None, saved_hidden=None,
+    zoneout_h=None, zoneout_c=None, zoneout=0.0,
 ):
     return (
         input.new_empty(input.shape),
@@ -1086,15 +1098,20 @@ def _lstm_variant_backward_fake(
 
 # (input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr); b_*, peephole, w_hr may be None
 _VariantLayerInputs = tuple
+# What a variant layer's call says besides its differentiable inputs: (coupled_gates, batch_sizes,
+# reverse, zoneout_h, zoneout_c, zoneout).
+_VariantConfig = tuple
 
 
 def _save_variant_layer(
-    ctx: Any, inputs: _VariantLayerInputs, coupled: bool, batch_sizes: Tensor | None,
-    reverse: bool, output: tuple,
+    ctx: Any, inputs: _VariantLayerInputs, config: _VariantConfig, output: tuple
 ) -> None:
+    coupled, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout = config
     out, _h_n, _c_n, saved_gates, saved_cells, saved_hidden = output
-    ctx.save_for_backward(*inputs, batch_sizes, out, saved_gates, saved_cells, saved_hidden)
-    ctx.coupled, ctx.reverse = coupled, reverse
+    ctx.save_for_backward(
+        *inputs, batch_sizes, zoneout_h, zoneout_c, out, saved_gates, saved_cells, saved_hidden
+    )
+    ctx.coupled, ctx.reverse, ctx.zoneout = coupled, reverse, zoneout
     ctx.mark_non_differentiable(saved_gates, saved_cells, saved_hidden)
     ctx.set_materialize_grads(False)
 
@@ -1104,18 +1121,21 @@ def _variant_layer_gradients(
     ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None
 ) -> tuple[Tensor | None, ...]:
     """The gradients of one variant layer, in _VariantLayerInputs' order."""
-    *inputs, batch_sizes, out, saved_gates, saved_cells, saved_hidden = ctx.saved_tensors
+    *inputs, batch_sizes, zoneout_h, zoneout_c, out, saved_gates, saved_cells, saved_hidden = (
+        ctx.saved_tensors
+    )
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr = inputs
     if saved_gates.numel() == 0 and out.numel() > 0:
         # Called with training=False yet differentiated: recompute (see _layer_gradients).
         out, _, _, saved_gates, saved_cells, saved_hidden = lstm_variant_forward(
             input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, ctx.coupled, ctx.reverse, True, w_hr,
-            batch_sizes,
+            batch_sizes, zoneout_h, zoneout_c, ctx.zoneout,
         )
     grads = torch.ops.lstm_ext._lstm_variant_backward.default(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, h0),
         _zeros_if_none(grad_c_n, c0), input, h0, c0, w_ih, w_hh, peephole, ctx.coupled, out,
-        saved_gates, saved_cells, ctx.reverse, w_hr, batch_sizes, saved_hidden,
+        saved_gates, saved_cells, ctx.reverse, w_hr, batch_sizes, saved_hidden, zoneout_h,
+        zoneout_c, ctx.zoneout,
     )
     grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_peephole = grads
     grad_b = grad_bias if b_ih is not None else None
@@ -1130,44 +1150,47 @@ class LstmVariantLayerFunction(torch.autograd.Function):
     """One variant LSTM layer in one direction (``lstm_variant_forward`` with training=True).
 
     ``LstmVariantLayerFunction.apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr,
-    coupled_gates, batch_sizes, reverse)`` returns its six outputs; differentiable once.
+    coupled_gates, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout)`` returns its six
+    outputs; differentiable once.
     """
 
     @staticmethod
     def forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr, coupled_gates,
-                batch_sizes, reverse):
+                batch_sizes, reverse, zoneout_h, zoneout_c, zoneout):
         return lstm_variant_forward(
             input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, coupled_gates, reverse, True, w_hr,
-            batch_sizes,
+            batch_sizes, zoneout_h, zoneout_c, zoneout,
         )
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        *layer_inputs, coupled_gates, batch_sizes, reverse = inputs
-        _save_variant_layer(ctx, tuple(layer_inputs), coupled_gates, batch_sizes, reverse, output)
+        _save_variant_layer(ctx, tuple(inputs[:9]), tuple(inputs[9:]), output)
 
     @staticmethod
     def backward(ctx: Any, grad_output, grad_h_n, grad_c_n, *_saved) -> tuple:
-        return (*_variant_layer_gradients(ctx, grad_output, grad_h_n, grad_c_n), None, None, None)
+        grads = _variant_layer_gradients(ctx, grad_output, grad_h_n, grad_c_n)
+        return (*grads, None, None, None, None, None, None)
 
 
 def apply_lstm_variant_layer(
     input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
     b_hh: Tensor | None, peephole: Tensor | None, w_hr: Tensor | None, coupled_gates: bool,
-    batch_sizes: Tensor | None, reverse: bool,
+    batch_sizes: Tensor | None, reverse: bool, zoneout_h: Tensor | None = None,
+    zoneout_c: Tensor | None = None, zoneout: float = 0.0,
 ) -> tuple[Tensor, ...]:
     """:class:`LstmVariantLayerFunction` applied."""
     return LstmVariantLayerFunction.apply(
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr, coupled_gates, batch_sizes, reverse
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr, coupled_gates, batch_sizes,
+        reverse, zoneout_h, zoneout_c, zoneout,
     )
 
 
 def _lstm_variant_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, coupled, reverse, _training, *rest = inputs
-    w_hr, batch_sizes = (list(rest) + [None, None])[:2]
+    w_hr, batch_sizes, zoneout_h, zoneout_c, zoneout = (list(rest) + [None] * 4 + [0.0])[:5]
     _save_variant_layer(
-        ctx, (input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr), coupled, batch_sizes,
-        reverse, output,
+        ctx, (input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr),
+        (coupled, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout), output,
     )
 
 
@@ -1175,8 +1198,8 @@ def _lstm_variant_forward_backward(ctx: Any, grad_output, grad_h_n, grad_c_n, *_
     grads = _variant_layer_gradients(ctx, grad_output, grad_h_n, grad_c_n)
     *first, grad_peephole, grad_w_hr = grads
     # In the op's argument order: ..., b_hh, peephole, coupled_gates, reverse, training, w_hr,
-    # batch_sizes.
-    return (*first, grad_peephole, None, None, None, grad_w_hr, None)
+    # batch_sizes, zoneout_h, zoneout_c, zoneout.
+    return (*first, grad_peephole, None, None, None, grad_w_hr, None, None, None, None)
 
 
 torch.library.register_autograd(

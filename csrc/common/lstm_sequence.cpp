@@ -64,6 +64,32 @@ void StepBackend::forward_step(const at::Tensor& h_prev, at::Tensor& gates,
   kernels_.forward_step(args, gates.scalar_type());
 }
 
+void StepBackend::zoneout_forward_step(const at::Tensor& h_prev, at::Tensor& gates,
+                                       const at::Tensor& c_prev, at::Tensor& c, at::Tensor& h,
+                                       at::Tensor& c_new, const at::Tensor& keep_h,
+                                       const at::Tensor& keep_c, double keep_p, bool training) {
+  gates.addmm_(h_prev, w_hh_.t());
+  if (gates.size(0) == 0) {
+    return;
+  }
+  ForwardStepArgs args{gates.data_ptr(),
+                       c_prev.const_data_ptr(),
+                       c.data_ptr(),
+                       h.data_ptr(),
+                       gates.size(0),
+                       h.size(1),
+                       training,
+                       peephole_.defined() ? peephole_.const_data_ptr() : nullptr,
+                       cell_ == Cell::kLstmCoupled};
+  args.zoneout = true;
+  args.zoneout_h = keep_h.defined() ? keep_h.const_data_ptr() : nullptr;
+  args.zoneout_c = keep_c.defined() ? keep_c.const_data_ptr() : nullptr;
+  args.zoneout_p = keep_p;
+  args.h_prev = h_prev.const_data_ptr();
+  args.c_new = training ? c_new.data_ptr() : nullptr;
+  kernels_.forward_step(args, gates.scalar_type());
+}
+
 void StepBackend::gru_forward_step(const at::Tensor& h_prev, at::Tensor& gates,
                                    const at::Tensor& bias_hn, at::Tensor& hidden_n, at::Tensor& h,
                                    bool training) {
@@ -305,6 +331,15 @@ at::Tensor previous_state(const at::Tensor& states, const at::Tensor& initial, a
   return joined_state(join, row_block(states, layout.offset(prev_t), prev_rows), initial, rows);
 }
 
+// The LSTM variants' options as the loop takes them (all contiguous): peephole weights [3, H];
+// zoneout's training masks [rows, H] in the loop's row order, or its eval keep probability.
+struct LoopVariant {
+  at::Tensor peephole;
+  bool zoneout = false;
+  at::Tensor keep_h, keep_c;
+  double keep_p = 0;
+};
+
 // The loop itself, on 2-D buffers, for either cell: x [rows, C] contiguous; returns (output
 // [rows, P], h_n [N, P], c_n [N, H], gates [rows, G*H], cells [rows, H], hidden [rows, H]), the
 // last three as documented for lstm_forward. The GRU (c0 undefined, no projections) returns no c_n,
@@ -316,7 +351,7 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
                                 const std::optional<at::Tensor>& b_hh,
                                 const std::optional<at::Tensor>& w_hr, bool reverse,
                                 bool training, StepBackend& backend,
-                                const at::Tensor& peephole = at::Tensor()) {
+                                const LoopVariant& variant = LoopVariant()) {
   // The buffers and views below are internal: without this guard every view or in-place op on
   // them would also do autograd view bookkeeping (microseconds per step, felt at small sizes).
   at::AutoDispatchBelowADInplaceOrView no_view_tracking;
@@ -342,7 +377,8 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
   // A padded batch without projections may run its whole recurrence in one call to the backend,
   // which may also compute each step's input projection itself; the step loop further down is the
   // general case.
-  const bool whole_recurrence_possible = !projected && !layout.packed();
+  // (Zoneout runs step by step on the device's pointwise pass: no backend fuses it yet.)
+  const bool whole_recurrence_possible = !projected && !layout.packed() && !variant.zoneout;
   const bool fused_input = whole_recurrence_possible &&
                            backend.fuses_input_projection(cell, batch, x.size(1), hidden);
   // Otherwise: the input projection of all timesteps in one GEMM, the biases folded in:
@@ -377,9 +413,12 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
   at::Tensor h_join, c_join;
 
   RECORD_FUNCTION("lstm_ext::recurrence", std::vector<c10::IValue>());
-  const at::Tensor peephole_c = peephole.defined() ? peephole.contiguous() : at::Tensor();
+  const at::Tensor& peephole_c = variant.peephole;
   backend.set_peephole(peephole_c);
   backend.begin_forward(w_hh.contiguous(), cell);
+  // Zoneout, training: each step's c_t before zoneout, which backward needs besides the c_t kept.
+  at::Tensor cells_new =
+      variant.zoneout && training ? backend.empty_buffer({rows, hidden}, options) : at::Tensor();
   if (projected) {
     backend.begin_projection(w_hr->contiguous());
   }
@@ -434,6 +473,14 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
         at::Tensor u_t = row_block(unprojected, training ? offset : 0, n);
         backend.forward_step(h_prev, gates_t, c_prev, c_t, u_t, training);
         backend.project(u_t, h_t);
+      } else if (variant.zoneout) {
+        at::Tensor c_new_t = training ? row_block(cells_new, offset, n) : at::Tensor();
+        const auto rows_of = [&](const at::Tensor& mask) {
+          return mask.defined() ? row_block(mask, offset, n) : at::Tensor();
+        };
+        backend.zoneout_forward_step(h_prev, gates_t, c_prev, c_t, h_t, c_new_t,
+                                     rows_of(variant.keep_h), rows_of(variant.keep_c),
+                                     variant.keep_p, training);
       } else {
         backend.forward_step(h_prev, gates_t, c_prev, c_t, h_t, training);
       }
@@ -455,7 +502,10 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
   if (!training) {
     return {output, h_n, c_n, none(), none(), none()};
   }
-  return {output, h_n, c_n, gates, cells, projected ? unprojected : none()};
+  // The last slot: with projections the un-projected o * tanh(c_t); with zoneout (which excludes
+  // projections) c_t before zoneout.
+  return {output, h_n, c_n, gates, cells,
+          projected ? unprojected : (variant.zoneout ? cells_new : none())};
 }
 
 // h_{t-1} of every step as one [rows, P] buffer, for grad_w_hh of a packed batch (whose steps'
@@ -499,7 +549,7 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
                                   const at::Tensor& output, const at::Tensor& gates,
                                   const at::Tensor& cells, const at::Tensor& unprojected,
                                   bool reverse, StepBackend& backend,
-                                  const at::Tensor& peephole = at::Tensor()) {
+                                  const LoopVariant& variant = LoopVariant()) {
   // The buffers and views below are internal: without this guard every view or in-place op on
   // them would also do autograd view bookkeeping (microseconds per step, felt at small sizes).
   at::AutoDispatchBelowADInplaceOrView no_view_tracking;
@@ -533,7 +583,9 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
   }
   const at::Tensor h0_c = h0.contiguous();
   const at::Tensor c0_c = lstm ? c0.contiguous() : at::Tensor();
-  const at::Tensor peephole_c = peephole.defined() ? peephole.contiguous() : at::Tensor();
+  const at::Tensor& peephole_c = variant.peephole;
+  // With zoneout, `unprojected` holds each step's c_t before zoneout (see forward_unchecked).
+  const at::Tensor& cells_new = variant.zoneout ? unprojected : at::Tensor();
   at::Tensor c_join, h_join;
 
   {
@@ -544,7 +596,7 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
       backend.begin_projection(w_hr->contiguous());
     }
     bool whole_recurrence = false;
-    if (!projected && !layout.packed() && (steps == 1 || output.defined())) {
+    if (!projected && !layout.packed() && !variant.zoneout && (steps == 1 || output.defined())) {
       const BackwardRecurrenceArgs args{cell,
                                         steps,
                                         batch,
@@ -601,8 +653,9 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
         d_h_recurrent = zeros.const_data_ptr();
       }
       if (n > 0) {
-        const BackwardStepArgs args{row_block(gates, offset, n).const_data_ptr(),
-                                    row_block(cells, offset, n).const_data_ptr(),
+        BackwardStepArgs args{row_block(gates, offset, n).const_data_ptr(),
+                                    row_block(variant.zoneout ? cells_new : cells, offset, n)
+                                        .const_data_ptr(),
                                     c_prev.const_data_ptr(),
                                     d_h_output,
                                     d_h_recurrent,
@@ -612,9 +665,20 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
                                     hidden,
                                     peephole_c.defined() ? peephole_c.const_data_ptr() : nullptr,
                                     cell == Cell::kLstmCoupled};
+        if (variant.zoneout) {
+          args.zoneout = true;
+          args.zoneout_h =
+              variant.keep_h.defined() ? row_block(variant.keep_h, offset, n).const_data_ptr()
+                                       : nullptr;
+          args.zoneout_c =
+              variant.keep_c.defined() ? row_block(variant.keep_c, offset, n).const_data_ptr()
+                                       : nullptr;
+          args.zoneout_p = variant.keep_p;
+          args.d_h_prev = d_h_t.data_ptr();  // the kept part; the GEMM below adds onto it
+        }
         backend.backward_pointwise(args, x.scalar_type());
       }
-      backend.recurrent_gradient(d_gates_t, d_h_t, /*accumulate=*/false);
+      backend.recurrent_gradient(d_gates_t, d_h_t, /*accumulate=*/variant.zoneout);
     }
   }
 
@@ -673,7 +737,7 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
     grads.grad_peephole = at::stack(
         {(d_gate(0) * c_prev).sum(0),
          coupled ? at::zeros({hidden}, options) : (d_gate(1) * c_prev).sum(0),
-         (d_gate(coupled ? 2 : 3) * cells).sum(0)});
+         (d_gate(coupled ? 2 : 3) * (variant.zoneout ? cells_new : cells)).sum(0)});
   }
   grads.grad_h0 = d_h;
   grads.grad_c0 = lstm ? d_c : at::empty({0}, options);
@@ -688,18 +752,43 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
 // The LSTM's layer ops, plain and variant, share these two: `op` names the operator in messages.
 namespace {
 
-// The peephole weights [3, H] of a variant call, checked.
-at::Tensor checked_peephole(const char* op, const at::Tensor& input,
-                            const std::optional<at::Tensor>& peephole, int64_t hidden) {
-  if (!peephole.has_value()) {
-    return at::Tensor();
-  }
-  check_shape(op, *peephole, "peephole", {3, hidden}, "[3, H]");
-  check_same_device_and_dtype(op, input, "input", *peephole, "peephole");
-  return *peephole;
-}
-
 Cell lstm_cell_of(bool coupled) { return coupled ? Cell::kLstmCoupled : Cell::kLstm; }
+
+// The variant options of an op call, checked, as the loop takes them. Zoneout: training masks
+// keep_h / keep_c, per-step like the input ([T, N, H], packed [rows, H]) and both or neither; or
+// without masks the eval keep probability `zoneout` in [0, 1).
+LoopVariant checked_variant(const char* op, const at::Tensor& input, const StepLayout& layout,
+                            const std::optional<at::Tensor>& peephole, int64_t hidden,
+                            bool projected, const std::optional<at::Tensor>& keep_h,
+                            const std::optional<at::Tensor>& keep_c, double zoneout) {
+  LoopVariant variant;
+  if (peephole.has_value()) {
+    check_shape(op, *peephole, "peephole", {3, hidden}, "[3, H]");
+    check_same_device_and_dtype(op, input, "input", *peephole, "peephole");
+    variant.peephole = peephole->contiguous();
+  }
+  TORCH_CHECK(keep_h.has_value() == keep_c.has_value(), op,
+              ": zoneout_h and zoneout_c must be given together or both omitted");
+  TORCH_CHECK(zoneout >= 0 && zoneout < 1, op, ": expected zoneout in [0, 1), got ", zoneout);
+  variant.zoneout = keep_h.has_value() || zoneout > 0;
+  TORCH_CHECK(!(variant.zoneout && projected), op,
+              ": zoneout with projections (w_hr) is not supported");
+  if (keep_h.has_value()) {
+    const std::vector<int64_t> expected =
+        layout.packed() ? std::vector<int64_t>{layout.rows, hidden}
+                        : std::vector<int64_t>{layout.steps, layout.batch, hidden};
+    const char* text = layout.packed() ? "[rows, H]" : "[T, N, H]";
+    for (const auto& [mask, name] : {std::pair<const at::Tensor&, const char*>{*keep_h, "zoneout_h"},
+                                     {*keep_c, "zoneout_c"}}) {
+      check_shape(op, mask, name, expected, text);
+      check_same_device_and_dtype(op, input, "input", mask, name);
+    }
+    variant.keep_h = flatten(*keep_h, layout, hidden);
+    variant.keep_c = flatten(*keep_c, layout, hidden);
+  }
+  variant.keep_p = zoneout;
+  return variant;
+}
 
 ForwardResult lstm_layer_forward(const char* op, const at::Tensor& input, const at::Tensor& h0,
                                  const at::Tensor& c0, const at::Tensor& w_ih,
@@ -709,7 +798,10 @@ ForwardResult lstm_layer_forward(const char* op, const at::Tensor& input, const 
                                  bool reverse, bool training,
                                  const std::optional<at::Tensor>& w_hr,
                                  const std::optional<at::Tensor>& batch_sizes,
-                                 StepBackend& backend) {
+                                 StepBackend& backend,
+                                 const std::optional<at::Tensor>& keep_h = std::nullopt,
+                                 const std::optional<at::Tensor>& keep_c = std::nullopt,
+                                 double zoneout = 0) {
   const Cell cell = lstm_cell_of(coupled);
   const StepLayout layout = input_layout(op, input, batch_sizes);
   const int64_t features = input.size(-1);
@@ -717,10 +809,11 @@ ForwardResult lstm_layer_forward(const char* op, const at::Tensor& input, const 
   const char* h_shape = w_hr.has_value() ? "[N, P]" : "[N, H]";
   check_state(op, input, h0, "h0", layout.batch, sizes.proj, h_shape);
   check_state(op, input, c0, "c0", layout.batch, sizes.hidden, "[N, H]");
-  const at::Tensor peephole_t = checked_peephole(op, input, peephole, sizes.hidden);
+  const LoopVariant variant = checked_variant(op, input, layout, peephole, sizes.hidden,
+                                              w_hr.has_value(), keep_h, keep_c, zoneout);
   auto [output, h_n, c_n, gates, cells, hidden] =
       forward_unchecked(cell, flatten(input, layout, features), layout, h0, c0, w_ih, w_hh, b_ih,
-                        b_hh, w_hr, reverse, training, backend, peephole_t);
+                        b_hh, w_hr, reverse, training, backend, variant);
   return {unflatten(output, layout), h_n, c_n, unflatten(gates, layout), unflatten(cells, layout),
           unflatten(hidden, layout)};
 }
@@ -732,7 +825,9 @@ LayerGradients lstm_layer_backward(
     const std::optional<at::Tensor>& peephole, bool coupled, const at::Tensor& output,
     const at::Tensor& saved_gates, const at::Tensor& saved_cells, bool reverse,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
-    const std::optional<at::Tensor>& saved_hidden, StepBackend& backend) {
+    const std::optional<at::Tensor>& saved_hidden, StepBackend& backend,
+    const std::optional<at::Tensor>& keep_h = std::nullopt,
+    const std::optional<at::Tensor>& keep_c = std::nullopt, double zoneout = 0) {
   const Cell cell = lstm_cell_of(coupled);
   const int64_t gates_per_unit = gate_count(cell);
   const StepLayout layout = input_layout(op, input, batch_sizes);
@@ -747,7 +842,8 @@ LayerGradients lstm_layer_backward(
   check_state(op, input, c0, "c0", batch, hidden, "[N, H]");
   check_state(op, input, grad_h_n, "grad_h_n", batch, proj, h_shape);
   check_state(op, input, grad_c_n, "grad_c_n", batch, hidden, "[N, H]");
-  const at::Tensor peephole_t = checked_peephole(op, input, peephole, hidden);
+  const LoopVariant variant = checked_variant(op, input, layout, peephole, hidden,
+                                              w_hr.has_value(), keep_h, keep_c, zoneout);
   // The per-step tensors: [T, N, width], or [rows, width] when packed.
   const auto per_step = [&](int64_t width) -> std::vector<int64_t> {
     if (layout.packed()) {
@@ -767,9 +863,10 @@ LayerGradients lstm_layer_backward(
   check_per_step(saved_gates, "saved_gates", gates_per_unit * hidden, coupled ? "3H]" : "4H]");
   check_per_step(saved_cells, "saved_cells", hidden, "H]");
   at::Tensor unprojected;
-  if (w_hr.has_value()) {
+  if (w_hr.has_value() || variant.zoneout) {
     TORCH_CHECK(saved_hidden.has_value(), op,
-                ": with w_hr (projections), saved_hidden from the forward pass is required");
+                ": with w_hr (projections) or zoneout, saved_hidden from the forward pass is "
+                "required");
     check_per_step(*saved_hidden, "saved_hidden", hidden, "H]");
     unprojected = flatten(*saved_hidden, layout, hidden);
   }
@@ -777,7 +874,7 @@ LayerGradients lstm_layer_backward(
       cell, flatten(grad_output, layout, proj), grad_h_n, grad_c_n,
       flatten(input, layout, features), layout, h0, c0, w_ih, w_hh, w_hr,
       flatten(output, layout, proj), flatten(saved_gates, layout, gates_per_unit * hidden),
-      flatten(saved_cells, layout, hidden), unprojected, reverse, backend, peephole_t);
+      flatten(saved_cells, layout, hidden), unprojected, reverse, backend, variant);
   grads.grad_input = unflatten(grads.grad_input, layout);
   return grads;
 }
@@ -820,10 +917,12 @@ ForwardResult lstm_variant_forward(const at::Tensor& input, const at::Tensor& h0
                                    bool reverse, bool training,
                                    const std::optional<at::Tensor>& w_hr,
                                    const std::optional<at::Tensor>& batch_sizes,
+                                   const std::optional<at::Tensor>& zoneout_h,
+                                   const std::optional<at::Tensor>& zoneout_c, double zoneout,
                                    StepBackend& backend) {
   return lstm_layer_forward("lstm_ext::lstm_variant_forward", input, h0, c0, w_ih, w_hh, b_ih,
                             b_hh, peephole, coupled_gates, reverse, training, w_hr, batch_sizes,
-                            backend);
+                            backend, zoneout_h, zoneout_c, zoneout);
 }
 
 VariantBackwardResult lstm_variant_backward(
@@ -833,11 +932,12 @@ VariantBackwardResult lstm_variant_backward(
     const at::Tensor& output, const at::Tensor& saved_gates, const at::Tensor& saved_cells,
     bool reverse, const std::optional<at::Tensor>& w_hr,
     const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& saved_hidden,
-    StepBackend& backend) {
+    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
+    double zoneout, StepBackend& backend) {
   const LayerGradients grads = lstm_layer_backward(
       "lstm_ext::_lstm_variant_backward", grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih,
       w_hh, peephole, coupled_gates, output, saved_gates, saved_cells, reverse, w_hr, batch_sizes,
-      saved_hidden, backend);
+      saved_hidden, backend, zoneout_h, zoneout_c, zoneout);
   const at::Tensor grad_peephole =
       grads.grad_peephole.defined() ? grads.grad_peephole : at::empty({0}, input.options());
   return {grads.grad_input, grads.grad_h0,   grads.grad_c0,   grads.grad_w_ih,

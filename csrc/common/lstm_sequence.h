@@ -123,6 +123,14 @@ class StepBackend {
   // With projections `h` is the un-projected o * tanh(c), which project() then maps to h_t.
   virtual void forward_step(const at::Tensor& h_prev, at::Tensor& gates, const at::Tensor& c_prev,
                             at::Tensor& c, at::Tensor& h, bool training);
+  // An LSTM step with zoneout (not virtual: no backend fuses it yet): the GEMM as forward_step,
+  // then the device's pointwise pass with zoneout's keep weights, the masks keep_h / keep_c
+  // [N, H] (training) or the constant keep_p (undefined masks). With training, c_new [N, H]
+  // receives c_t before zoneout.
+  void zoneout_forward_step(const at::Tensor& h_prev, at::Tensor& gates, const at::Tensor& c_prev,
+                            at::Tensor& c, at::Tensor& h, at::Tensor& c_new,
+                            const at::Tensor& keep_h, const at::Tensor& keep_c, double keep_p,
+                            bool training);
   // The GRU's forward step: gates [N, 3H] (input projection, b_hr and b_hz folded in) and
   // h_prev [N, H] W_hh^T with bias_hn [H] (undefined without biases) give h [N, H]; when training
   // the activated r, z, n replace `gates` and hidden_n [N, H] receives W_hn h_prev + b_hn.
@@ -211,8 +219,10 @@ BackwardResult lstm_backward(const at::Tensor& grad_output, const at::Tensor& gr
                              const std::optional<at::Tensor>& saved_hidden, StepBackend& backend);
 
 // The LSTM variants' layer: lstm_forward with peephole weights [3, H] (rows w_ci, w_cf, w_co) or
-// none, and coupled input and forget gates (w_ih [3H, C], w_hh [3H, P], biases [3H] in gate order
-// i, g, o; saved_gates [T, N, 3H]).
+// none, coupled input and forget gates (w_ih [3H, C], w_hh [3H, P], biases [3H] in gate order
+// i, g, o; saved_gates [T, N, 3H]), and zoneout: training masks zoneout_h / zoneout_c of 0/1 keep
+// weights (per-step, [T, N, H] or packed [rows, H]), or without them the eval keep probability
+// `zoneout` (0: off). With zoneout, saved_hidden is each step's c_t before zoneout.
 ForwardResult lstm_variant_forward(const at::Tensor& input, const at::Tensor& h0,
                                    const at::Tensor& c0, const at::Tensor& w_ih,
                                    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
@@ -221,6 +231,8 @@ ForwardResult lstm_variant_forward(const at::Tensor& input, const at::Tensor& h0
                                    bool reverse, bool training,
                                    const std::optional<at::Tensor>& w_hr,
                                    const std::optional<at::Tensor>& batch_sizes,
+                                   const std::optional<at::Tensor>& zoneout_h,
+                                   const std::optional<at::Tensor>& zoneout_c, double zoneout,
                                    StepBackend& backend);
 
 // Its gradients: lstm_backward's, then grad_peephole [3, H] (empty without peepholes; its w_cf row
@@ -234,7 +246,8 @@ VariantBackwardResult lstm_variant_backward(
     const at::Tensor& output, const at::Tensor& saved_gates, const at::Tensor& saved_cells,
     bool reverse, const std::optional<at::Tensor>& w_hr,
     const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& saved_hidden,
-    StepBackend& backend);
+    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
+    double zoneout, StepBackend& backend);
 
 // One step, as torch.nn.LSTMCell: input [N, C], hx/cx [N, H].
 // Returns (h [N, H], c [N, H], saved_gates [N, 4H], or empty when not training).

@@ -39,6 +39,15 @@ struct ForwardStepArgs {
   // rows [N, 3H] of i, g, o (f = 1 - i). A coupled step saves i, g, o.
   const void* peephole = nullptr;
   bool coupled = false;
+  // Zoneout (Krueger et al. 2016): each unit of c_t and h_t keeps its previous value with weight
+  // m, c_t = c_new + m_c (c_{t-1} - c_new) and likewise h_t. In training m is a 0/1 mask [N, H]
+  // (zoneout_c, zoneout_h); in eval the constant zoneout_p (masks null).
+  bool zoneout = false;
+  const void* zoneout_h = nullptr;
+  const void* zoneout_c = nullptr;
+  double zoneout_p = 0;
+  const void* h_prev = nullptr;  // [N, H] h_{t-1}, read with zoneout
+  void* c_new = nullptr;         // [N, H] out with zoneout when training: c_t before zoneout
 };
 
 // One step of the LSTM's backward pointwise pass.
@@ -54,6 +63,14 @@ struct BackwardStepArgs {
   int64_t hidden;
   const void* peephole = nullptr;  // as ForwardStepArgs (coupled: gates and d_gates [N, 3H])
   bool coupled = false;
+  // Zoneout, as ForwardStepArgs. `c` is then c_t before zoneout, and d_h_prev [N, H] receives the
+  // direct part m_h * d_h_t of h_{t-1}'s gradient (it may alias d_h_recurrent); the recurrent
+  // GEMM then accumulates onto it.
+  bool zoneout = false;
+  const void* zoneout_h = nullptr;
+  const void* zoneout_c = nullptr;
+  double zoneout_p = 0;
+  void* d_h_prev = nullptr;
 };
 
 // One step of the GRU's forward pointwise pass (see cell_math.h for the math).

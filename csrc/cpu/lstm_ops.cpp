@@ -113,10 +113,12 @@ ForwardResult lstm_variant_forward_cpu(
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& peephole,
     bool coupled_gates, bool reverse, bool training, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& batch_sizes) {
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& zoneout_h,
+    const std::optional<at::Tensor>& zoneout_c, double zoneout) {
   const auto backend = make_backend(input, batch_sizes);
   return lstm_variant_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, coupled_gates,
-                              reverse, training, w_hr, batch_sizes, *backend);
+                              reverse, training, w_hr, batch_sizes, zoneout_h, zoneout_c,
+                              zoneout, *backend);
 }
 
 VariantBackwardResult lstm_variant_backward_cpu(
@@ -126,11 +128,13 @@ VariantBackwardResult lstm_variant_backward_cpu(
     const at::Tensor& output, const at::Tensor& saved_gates, const at::Tensor& saved_cells,
     bool reverse, const std::optional<at::Tensor>& w_hr,
     const std::optional<at::Tensor>& batch_sizes,
-    const std::optional<at::Tensor>& saved_hidden) {
+    const std::optional<at::Tensor>& saved_hidden, const std::optional<at::Tensor>& zoneout_h,
+    const std::optional<at::Tensor>& zoneout_c, double zoneout) {
   const auto backend = make_backend(input, batch_sizes);
   return lstm_variant_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
                                peephole, coupled_gates, output, saved_gates, saved_cells, reverse,
-                               w_hr, batch_sizes, saved_hidden, *backend);
+                               w_hr, batch_sizes, saved_hidden, zoneout_h, zoneout_c, zoneout,
+                               *backend);
 }
 
 GruLayerResult gru_forward_cpu(const at::Tensor& input, const at::Tensor& h0,

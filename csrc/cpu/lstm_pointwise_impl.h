@@ -301,11 +301,23 @@ inline void variant_forward_units(const ForwardStepArgs& a, int64_t n, int64_t j
   const V pre_i = load(gates + at.i);
   const GatePreActivations<V> pre{pre_i, a.coupled ? pre_i : load(gates + at.f),
                                   load(gates + at.g), load(gates + at.o)};
+  const V c_prev = load(static_cast<const scalar_t*>(a.c_prev) + unit);
   const CellForwardResult<V> r = lstm_variant_forward_unit(
-      pre, load(static_cast<const scalar_t*>(a.c_prev) + unit),
-      variant_unit<V, scalar_t>(a.peephole, a.coupled, hidden, j, load));
-  store(static_cast<scalar_t*>(a.c) + unit, r.c);
-  store(static_cast<scalar_t*>(a.h) + unit, r.h);
+      pre, c_prev, variant_unit<V, scalar_t>(a.peephole, a.coupled, hidden, j, load));
+  V c = r.c, h = r.h;
+  if (a.zoneout) {
+    const V keep_c = a.zoneout_c ? load(static_cast<const scalar_t*>(a.zoneout_c) + unit)
+                                 : V(a.zoneout_p);
+    const V keep_h = a.zoneout_h ? load(static_cast<const scalar_t*>(a.zoneout_h) + unit)
+                                 : V(a.zoneout_p);
+    c = r.c + keep_c * (c_prev - r.c);
+    h = r.h + keep_h * (load(static_cast<const scalar_t*>(a.h_prev) + unit) - r.h);
+    if constexpr (kTraining) {
+      store(static_cast<scalar_t*>(a.c_new) + unit, r.c);
+    }
+  }
+  store(static_cast<scalar_t*>(a.c) + unit, c);
+  store(static_cast<scalar_t*>(a.h) + unit, h);
   if constexpr (kTraining) {
     store(gates + at.i, r.gates.i);
     if (!a.coupled) {
@@ -327,13 +339,27 @@ inline void variant_backward_units(const BackwardStepArgs& a, int64_t n, int64_t
   const V i = load(gates + at.i);
   const GateActivations<V> act{i, a.coupled ? V(1) - i : load(gates + at.f), load(gates + at.g),
                                load(gates + at.o)};
-  const V d_h = load(static_cast<const scalar_t*>(a.d_h_output) + unit) +
-                load(static_cast<const scalar_t*>(a.d_h_recurrent) + unit);
+  V d_h = load(static_cast<const scalar_t*>(a.d_h_output) + unit) +
+          load(static_cast<const scalar_t*>(a.d_h_recurrent) + unit);
   auto* d_c = static_cast<scalar_t*>(a.d_c) + unit;
-  const CellBackwardResult<V> r = lstm_variant_backward_unit(
+  V d_c_t = load(d_c);
+  // Zoneout: the kept share of each gradient goes straight to the previous state.
+  V d_c_kept(0);
+  if (a.zoneout) {
+    const V keep_c = a.zoneout_c ? load(static_cast<const scalar_t*>(a.zoneout_c) + unit)
+                                 : V(a.zoneout_p);
+    const V keep_h = a.zoneout_h ? load(static_cast<const scalar_t*>(a.zoneout_h) + unit)
+                                 : V(a.zoneout_p);
+    store(static_cast<scalar_t*>(a.d_h_prev) + unit, keep_h * d_h);
+    d_h = d_h - keep_h * d_h;
+    d_c_kept = keep_c * d_c_t;
+    d_c_t = d_c_t - d_c_kept;
+  }
+  CellBackwardResult<V> r = lstm_variant_backward_unit(
       act, load(static_cast<const scalar_t*>(a.c) + unit),
-      load(static_cast<const scalar_t*>(a.c_prev) + unit), d_h, load(d_c),
+      load(static_cast<const scalar_t*>(a.c_prev) + unit), d_h, d_c_t,
       variant_unit<V, scalar_t>(a.peephole, a.coupled, hidden, j, load));
+  r.d_c_prev = r.d_c_prev + d_c_kept;
   auto* d_gates = static_cast<scalar_t*>(a.d_gates) + n * row_width + j;
   store(d_gates + at.i, r.d_i);
   if (!a.coupled) {
@@ -401,7 +427,7 @@ inline void gru_backward_step(const GruBackwardStepArgs& args, c10::ScalarType d
 
 inline void forward_step(const ForwardStepArgs& args, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_ext_cpu_forward_step", [&] {
-    if (args.peephole != nullptr || args.coupled) {
+    if (args.peephole != nullptr || args.coupled || args.zoneout) {
       if (args.training) {
         for_each_unit<scalar_t>(args.batch, args.hidden, VariantForwardUnits<scalar_t, true>{args});
       } else {
@@ -418,7 +444,7 @@ inline void forward_step(const ForwardStepArgs& args, c10::ScalarType dtype) {
 inline void backward_step(const BackwardStepArgs& args, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_ext_cpu_backward_step",
                                   [&] {
-    if (args.peephole != nullptr || args.coupled) {
+    if (args.peephole != nullptr || args.coupled || args.zoneout) {
       for_each_unit<scalar_t>(args.batch, args.hidden, VariantBackwardUnits<scalar_t>{args});
     } else {
       backward_step_typed<scalar_t>(args);

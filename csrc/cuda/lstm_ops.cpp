@@ -80,11 +80,13 @@ ForwardResult lstm_variant_forward_cuda(
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& peephole,
     bool coupled_gates, bool reverse, bool training, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& batch_sizes) {
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& zoneout_h,
+    const std::optional<at::Tensor>& zoneout_c, double zoneout) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
   StepBackend backend(pointwise_kernels());
   return lstm_variant_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, coupled_gates,
-                              reverse, training, w_hr, batch_sizes, backend);
+                              reverse, training, w_hr, batch_sizes, zoneout_h, zoneout_c,
+                              zoneout, backend);
 }
 
 VariantBackwardResult lstm_variant_backward_cuda(
@@ -94,12 +96,14 @@ VariantBackwardResult lstm_variant_backward_cuda(
     const at::Tensor& output, const at::Tensor& saved_gates, const at::Tensor& saved_cells,
     bool reverse, const std::optional<at::Tensor>& w_hr,
     const std::optional<at::Tensor>& batch_sizes,
-    const std::optional<at::Tensor>& saved_hidden) {
+    const std::optional<at::Tensor>& saved_hidden, const std::optional<at::Tensor>& zoneout_h,
+    const std::optional<at::Tensor>& zoneout_c, double zoneout) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input));
   StepBackend backend(pointwise_kernels());
   return lstm_variant_backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
                                peephole, coupled_gates, output, saved_gates, saved_cells, reverse,
-                               w_hr, batch_sizes, saved_hidden, backend);
+                               w_hr, batch_sizes, saved_hidden, zoneout_h, zoneout_c, zoneout,
+                               backend);
 }
 
 GruLayerResult gru_forward_cuda(const at::Tensor& input, const at::Tensor& h0,

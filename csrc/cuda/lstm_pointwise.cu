@@ -126,24 +126,40 @@ __device__ inline LstmVariantUnit<V> variant_unit(const scalar_t* peephole, bool
           static_cast<V>(peephole[2 * hidden + j])};
 }
 
+// The variant kernels take the step's arguments by value (raw pointers and sizes, trivially
+// copyable): there are too many for a readable parameter list.
 template <typename scalar_t, bool kTraining>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    variant_forward_step_kernel(scalar_t* gates, const scalar_t* c_prev, scalar_t* c,
-                                scalar_t* __restrict__ h, const scalar_t* __restrict__ peephole,
-                                bool coupled, int64_t batch, int64_t hidden) {
+    variant_forward_step_kernel(const ForwardStepArgs a) {
   using V = at::opmath_type<scalar_t>;
-  const int64_t units = batch * hidden;
+  const int64_t hidden = a.hidden, units = a.batch * hidden;
+  const bool coupled = a.coupled;
   const int64_t f_at = hidden, g_at = (coupled ? 1 : 2) * hidden, o_at = (coupled ? 2 : 3) * hidden;
+  const auto* peephole = static_cast<const scalar_t*>(a.peephole);
+  const auto* keep_h_mask = static_cast<const scalar_t*>(a.zoneout_h);
+  const auto* keep_c_mask = static_cast<const scalar_t*>(a.zoneout_c);
   for (UnitCursor u(hidden); u.in(units); u.next()) {
-    scalar_t* g = gates + u.gate_offset(coupled ? 3 : 4);
+    const int64_t k = u.unit();
+    scalar_t* g = static_cast<scalar_t*>(a.gates) + u.gate_offset(coupled ? 3 : 4);
     const V pre_i = static_cast<V>(g[0]);
     const GatePreActivations<V> pre{pre_i, coupled ? pre_i : static_cast<V>(g[f_at]),
                                     static_cast<V>(g[g_at]), static_cast<V>(g[o_at])};
+    // c may alias c_prev (inference's running state): read before writing.
+    const V c_prev = static_cast<V>(static_cast<const scalar_t*>(a.c_prev)[k]);
     const CellForwardResult<V> r = lstm_variant_forward_unit(
-        pre, static_cast<V>(c_prev[u.unit()]),
-        variant_unit<V>(peephole, coupled, hidden, u.column()));
-    c[u.unit()] = static_cast<scalar_t>(r.c);
-    h[u.unit()] = static_cast<scalar_t>(r.h);
+        pre, c_prev, variant_unit<V>(peephole, coupled, hidden, u.column()));
+    V c = r.c, h = r.h;
+    if (a.zoneout) {
+      const V keep_c = keep_c_mask ? static_cast<V>(keep_c_mask[k]) : V(a.zoneout_p);
+      const V keep_h = keep_h_mask ? static_cast<V>(keep_h_mask[k]) : V(a.zoneout_p);
+      c = r.c + keep_c * (c_prev - r.c);
+      h = r.h + keep_h * (static_cast<V>(static_cast<const scalar_t*>(a.h_prev)[k]) - r.h);
+      if constexpr (kTraining) {
+        static_cast<scalar_t*>(a.c_new)[k] = static_cast<scalar_t>(r.c);
+      }
+    }
+    static_cast<scalar_t*>(a.c)[k] = static_cast<scalar_t>(c);
+    static_cast<scalar_t*>(a.h)[k] = static_cast<scalar_t>(h);
     if constexpr (kTraining) {
       g[0] = static_cast<scalar_t>(r.gates.i);
       if (!coupled) {
@@ -155,38 +171,50 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
+// d_c and (with zoneout) d_h_prev, which may alias d_h_recurrent, are read and written in place
+// by the unit that owns the element.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    variant_backward_step_kernel(const scalar_t* __restrict__ gates,
-                                 const scalar_t* __restrict__ c,
-                                 const scalar_t* __restrict__ c_prev,
-                                 const scalar_t* __restrict__ d_h_output,
-                                 const scalar_t* __restrict__ d_h_recurrent,
-                                 scalar_t* __restrict__ d_c, scalar_t* __restrict__ d_gates,
-                                 const scalar_t* __restrict__ peephole, bool coupled,
-                                 int64_t batch, int64_t hidden) {
+    variant_backward_step_kernel(const BackwardStepArgs a) {
   using V = at::opmath_type<scalar_t>;
-  const int64_t units = batch * hidden;
+  const int64_t hidden = a.hidden, units = a.batch * hidden;
+  const bool coupled = a.coupled;
   const int64_t f_at = hidden, g_at = (coupled ? 1 : 2) * hidden, o_at = (coupled ? 2 : 3) * hidden;
+  const auto* peephole = static_cast<const scalar_t*>(a.peephole);
+  const auto* keep_h_mask = static_cast<const scalar_t*>(a.zoneout_h);
+  const auto* keep_c_mask = static_cast<const scalar_t*>(a.zoneout_c);
+  auto* d_c = static_cast<scalar_t*>(a.d_c);
   for (UnitCursor u(hidden); u.in(units); u.next()) {
     const int64_t k = u.unit();
     const int64_t offset = u.gate_offset(coupled ? 3 : 4);
-    const scalar_t* a = gates + offset;
-    const V i = static_cast<V>(a[0]);
-    const GateActivations<V> act{i, coupled ? V(1) - i : static_cast<V>(a[f_at]),
-                                 static_cast<V>(a[g_at]), static_cast<V>(a[o_at])};
-    const V d_h = static_cast<V>(d_h_output[k]) + static_cast<V>(d_h_recurrent[k]);
+    const scalar_t* act_row = static_cast<const scalar_t*>(a.gates) + offset;
+    const V i = static_cast<V>(act_row[0]);
+    const GateActivations<V> act{i, coupled ? V(1) - i : static_cast<V>(act_row[f_at]),
+                                 static_cast<V>(act_row[g_at]), static_cast<V>(act_row[o_at])};
+    V d_h = static_cast<V>(static_cast<const scalar_t*>(a.d_h_output)[k]) +
+            static_cast<V>(static_cast<const scalar_t*>(a.d_h_recurrent)[k]);
+    V d_c_t = static_cast<V>(d_c[k]);
+    V d_c_kept(0);
+    if (a.zoneout) {
+      const V keep_c = keep_c_mask ? static_cast<V>(keep_c_mask[k]) : V(a.zoneout_p);
+      const V keep_h = keep_h_mask ? static_cast<V>(keep_h_mask[k]) : V(a.zoneout_p);
+      static_cast<scalar_t*>(a.d_h_prev)[k] = static_cast<scalar_t>(keep_h * d_h);
+      d_h = d_h - keep_h * d_h;
+      d_c_kept = keep_c * d_c_t;
+      d_c_t = d_c_t - d_c_kept;
+    }
     const CellBackwardResult<V> r = lstm_variant_backward_unit(
-        act, static_cast<V>(c[k]), static_cast<V>(c_prev[k]), d_h, static_cast<V>(d_c[k]),
+        act, static_cast<V>(static_cast<const scalar_t*>(a.c)[k]),
+        static_cast<V>(static_cast<const scalar_t*>(a.c_prev)[k]), d_h, d_c_t,
         variant_unit<V>(peephole, coupled, hidden, u.column()));
-    scalar_t* dg = d_gates + offset;
+    scalar_t* dg = static_cast<scalar_t*>(a.d_gates) + offset;
     dg[0] = static_cast<scalar_t>(r.d_i);
     if (!coupled) {
       dg[f_at] = static_cast<scalar_t>(r.d_f);
     }
     dg[g_at] = static_cast<scalar_t>(r.d_g);
     dg[o_at] = static_cast<scalar_t>(r.d_o);
-    d_c[k] = static_cast<scalar_t>(r.d_c_prev);
+    d_c[k] = static_cast<scalar_t>(r.d_c_prev + d_c_kept);
   }
 }
 
@@ -262,12 +290,10 @@ void launch_forward_step(const ForwardStepArgs& a) {
   const auto* c_prev = static_cast<const scalar_t*>(a.c_prev);
   auto* c = static_cast<scalar_t*>(a.c);
   auto* h = static_cast<scalar_t*>(a.h);
-  if (a.peephole != nullptr || a.coupled) {
+  if (a.peephole != nullptr || a.coupled || a.zoneout) {
     const auto kernel = a.training ? &variant_forward_step_kernel<scalar_t, true>
                                    : &variant_forward_step_kernel<scalar_t, false>;
-    kernel<<<blocks_for(units), kThreadsPerBlock, 0, stream>>>(
-        gates, c_prev, c, h, static_cast<const scalar_t*>(a.peephole), a.coupled, a.batch,
-        a.hidden);
+    kernel<<<blocks_for(units), kThreadsPerBlock, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -289,13 +315,8 @@ void launch_backward_step(const BackwardStepArgs& a) {
     return;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (a.peephole != nullptr || a.coupled) {
-    variant_backward_step_kernel<scalar_t><<<blocks_for(units), kThreadsPerBlock, 0, stream>>>(
-        static_cast<const scalar_t*>(a.gates), static_cast<const scalar_t*>(a.c),
-        static_cast<const scalar_t*>(a.c_prev), static_cast<const scalar_t*>(a.d_h_output),
-        static_cast<const scalar_t*>(a.d_h_recurrent), static_cast<scalar_t*>(a.d_c),
-        static_cast<scalar_t*>(a.d_gates), static_cast<const scalar_t*>(a.peephole), a.coupled,
-        a.batch, a.hidden);
+  if (a.peephole != nullptr || a.coupled || a.zoneout) {
+    variant_backward_step_kernel<scalar_t><<<blocks_for(units), kThreadsPerBlock, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }

@@ -1,8 +1,11 @@
-"""lstm_ext: fused LSTM kernels for PyTorch, with drop-in ``LSTM`` and ``LSTMCell`` modules.
+"""lstm_ext: fused LSTM and GRU kernels for PyTorch, with drop-in ``LSTM``, ``LSTMCell``, ``GRU``
+and ``GRUCell`` modules.
 
     import lstm_ext
     lstm = lstm_ext.LSTM(input_size=512, hidden_size=512, num_layers=2)   # as torch.nn.LSTM
     output, (h_n, c_n) = lstm(x)
+    gru = lstm_ext.GRU(input_size=512, hidden_size=512, num_layers=2)     # as torch.nn.GRU
+    output, h_n = gru(x)
 
 ``lstm_ext.build_info()`` tells which backends were compiled in.
 """
@@ -23,11 +26,13 @@ except ImportError as error:
     ) from error
 
 from lstm_ext import functional, onnx, ops, reference
-from lstm_ext.modules import LSTM, LSTMCell
+from lstm_ext.modules import GRU, LSTM, GRUCell, LSTMCell
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GRU",
+    "GRUCell",
     "LSTM",
     "LSTMCell",
     "build_info",

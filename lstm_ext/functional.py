@@ -1,8 +1,10 @@
-"""Functional LSTM on lstm_ext's fused operators: layers x directions, dropout between layers.
+"""Functional LSTM and GRU on lstm_ext's fused operators: layers x directions, dropout between
+layers.
 
 :func:`lstm` takes the arguments of ``torch._VF.lstm`` (what ``torch.nn.LSTM.forward`` calls),
-and :func:`lstm_cell` those of ``torch._VF.lstm_cell``, so the modules are thin. Both answer the
-mistakes that the ATen LSTM checks catch with ATen's exception types and messages.
+and :func:`lstm_cell` those of ``torch._VF.lstm_cell``; :func:`gru` and :func:`gru_cell` those of
+``torch._VF.gru`` and ``torch._VF.gru_cell``; so the modules are thin. They answer the mistakes
+that the ATen RNN checks catch with ATen's exception types and messages.
 
 Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``P`` projection size
 (``P = H`` without projections), ``L`` layers, ``D`` directions; ``rows`` the rows of a packed
@@ -14,13 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
 from lstm_ext import onnx as lstm_onnx
 from lstm_ext import ops
 
-__all__ = ["autocast_cast", "autocast_dtype", "lstm", "lstm_cell"]
+__all__ = ["autocast_cast", "autocast_dtype", "gru", "gru_cell", "lstm", "lstm_cell"]
 
 # How ATen names dtypes in its messages ("mat1 and mat2 must have the same dtype, but got Double
 # and Float").
@@ -51,6 +54,34 @@ def _check_matmul_dtype(lhs: Tensor, weight: Tensor) -> None:
             "mat1 and mat2 must have the same dtype, but got "
             f"{_aten_dtype_name(lhs.dtype)} and {_aten_dtype_name(weight.dtype)}"
         )
+
+
+# How ATen's mm (a GEMM without bias) names dtypes: their C++ type names ("expected m1 and m2 to
+# have the same dtype, but got: double != float").
+_ATEN_CPP_TYPE_NAMES = {
+    torch.float64: "double",
+    torch.float32: "float",
+    torch.float16: "c10::Half",
+    torch.bfloat16: "c10::BFloat16",
+    torch.int64: "long int",
+    torch.int32: "int",
+    torch.int16: "short int",
+    torch.int8: "signed char",
+    torch.uint8: "unsigned char",
+    torch.bool: "bool",
+}
+
+
+def _check_gemm_dtype(lhs: Tensor, weight: Tensor, has_bias: bool) -> None:
+    """The error torch's GRU GEMMs raise for a dtype mismatch: addmm's with a bias, mm's without."""
+    if lhs.dtype == weight.dtype:
+        return
+    if has_bias:
+        _check_matmul_dtype(lhs, weight)
+    names = [_ATEN_CPP_TYPE_NAMES.get(t.dtype, str(t.dtype)) for t in (lhs, weight)]
+    raise RuntimeError(
+        f"expected m1 and m2 to have the same dtype, but got: {names[0]} != {names[1]}"
+    )
 
 
 def autocast_dtype(
@@ -243,3 +274,174 @@ def lstm_cell(
     else:
         h_new, c_new, _ = ops.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, False)
     return h_new, c_new
+
+
+def _refuse_forward_mode(name: str, *tensors: Tensor | None) -> None:
+    """Raises where forward-mode AD would reach the GRU's ops, which have no forward mode yet.
+
+    Under torch.func.jvp (jacfwd, hessian) or with forward_ad dual tensors, an op without a
+    forward formula does not fail: its outputs carry no tangent, which torch.func.jvp returns as
+    zeros. So the GRU refuses instead of computing wrong tangents.
+    """
+    if torch.compiler.is_compiling():
+        return
+    jvp = torch._C._are_functorch_transforms_active() and any(
+        interpreter.key() == torch._C._functorch.TransformType.Jvp
+        for interpreter in torch._C._functorch.get_interpreter_stack()
+    )
+    if not jvp and forward_ad._current_level >= 0:
+        jvp = any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if jvp:
+        raise NotImplementedError(
+            f"lstm_ext.{name} has no forward-mode AD yet (torch.func.jvp, jacfwd, hessian, "
+            "torch.autograd.forward_ad); use reverse mode, or convert it with to_torch()."
+        )
+
+
+_GRU_ONNX_ERROR = (
+    "lstm_ext.{} has no ONNX export yet; convert it with to_torch() first and export the "
+    "torch.nn module."
+)
+
+
+def gru(
+    input: Tensor,
+    hx: Tensor,
+    weights: Sequence[Tensor],
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A stacked, optionally bidirectional GRU running the fused ``lstm_ext::gru_forward`` op.
+
+    Args:
+        input: ``[T, N, C]``, or ``[N, T, C]`` if batch_first; with batch_sizes, a packed batch
+            ``[rows, C]`` (a ``PackedSequence``'s data; batch_first is then ignored).
+        hx: h0 ``[L*D, N, H]``.
+        weights: ``torch.nn.GRU``'s flat weight list (``_flat_weights``): per layer, per
+            direction, w_ih ``[3H, C_l]``, w_hh ``[3H, H]``, then b_ih, b_hh ``[3H]`` if
+            has_biases. The gates are torch's (r, z, n).
+        dropout: probability of zeroing each output of every layer but the last, when train.
+        batch_sizes: a ``PackedSequence``'s batch_sizes ``[T]`` (int64, CPU), or None.
+
+    Returns:
+        (output ``[T, N, D*H]`` or ``[N, T, D*H]``, packed: ``[rows, D*H]``; h_n ``[L*D, N, H]``),
+        the final states taken at each sequence's own last step.
+    """
+    if lstm_onnx.in_onnx_export():
+        raise RuntimeError(_GRU_ONNX_ERROR.format("GRU"))
+    _refuse_forward_mode("GRU", input, hx, *weights)
+    directions = 2 if bidirectional else 1
+    per_cell = 4 if has_biases else 2
+    cells = num_layers * directions
+    if len(weights) != cells * per_cell:
+        raise RuntimeError(
+            f"got an incorrect number of RNN parameters: expected {cells * per_cell} weight "
+            f"tensors for num_layers={num_layers}, bidirectional={bidirectional}, "
+            f"has_biases={has_biases}, got {len(weights)}"
+        )
+    # ATen's checks, in ATen's order: devices, then the first layer's input GEMM (over the whole
+    # sequence), the sequence length, the first step's hidden GEMM.
+    h0 = hx
+    if h0.device != input.device:
+        raise RuntimeError(
+            "Input and hidden tensors are not at the same device, found input tensor at "
+            f"{input.device} and hidden tensor at {h0.device}"
+        )
+    for weight in weights:
+        if weight.device != input.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor at "
+                f"{input.device} and parameter tensor at {weight.device}"
+            )
+    if h0.size(0) != cells:
+        raise RuntimeError("Expected more hidden states in stacked_rnn")
+    _check_gemm_dtype(input, weights[0], has_biases)
+    if batch_sizes is None:
+        x = input.transpose(0, 1) if batch_first else input
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    else:
+        x = input
+    _check_gemm_dtype(h0, weights[1], has_biases)
+
+    training = _needs_grad(input, h0, *weights)
+    layer_input = x
+    h_n = []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            w = weights[index * per_cell : (index + 1) * per_cell]
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            if training:
+                out, h, _, _ = ops.apply_gru_layer(
+                    layer_input, h0[index], w[0], w[1], b_ih, b_hh, batch_sizes, direction == 1
+                )
+            else:
+                out, h, _, _ = ops.gru_forward(
+                    layer_input, h0[index], w[0], w[1], b_ih, b_hh,
+                    reverse=direction == 1, training=False, batch_sizes=batch_sizes,
+                )
+            outputs.append(out)
+            h_n.append(h)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+        if dropout > 0 and train and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    output = layer_input.transpose(0, 1) if batch_first and batch_sizes is None else layer_input
+    return output, torch.stack(h_n)
+
+
+def gru_cell(
+    input: Tensor,
+    hx: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> Tensor:
+    """One GRU step on the fused ``lstm_ext::gru_cell_forward`` op.
+
+    Args:
+        input: ``[N, C]``. hx: ``[N, H]``. w_ih ``[3H, C]``, w_hh ``[3H, H]``, b_ih/b_hh ``[3H]``
+            or None.
+
+    Returns:
+        h' ``[N, H]``.
+    """
+    if lstm_onnx.in_onnx_export():
+        raise RuntimeError(_GRU_ONNX_ERROR.format("GRUCell"))
+    _refuse_forward_mode("GRUCell", input, hx, w_ih, w_hh, b_ih, b_hh)
+    # ATen's check_rnn_cell_forward_input / _hidden, then its GEMMs' dtype checks.
+    if input.size(1) != w_ih.size(1):
+        raise RuntimeError(
+            f"input has inconsistent input_size: got {input.size(1)} expected {w_ih.size(1)}"
+        )
+    if input.size(0) != hx.size(0):
+        raise RuntimeError(
+            f"Input batch size {input.size(0)} doesn't match hidden0 batch size {hx.size(0)}"
+        )
+    if hx.size(1) != w_hh.size(1):
+        raise RuntimeError(
+            f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {w_hh.size(1)}"
+        )
+    has_bias = b_ih is not None
+    _check_gemm_dtype(input, w_ih, has_bias)
+    _check_gemm_dtype(hx, w_hh, has_bias)
+    for tensor in (hx, w_ih, w_hh, b_ih, b_hh):
+        if tensor is not None and tensor.device != input.device:
+            # As lstm_cell: torch's message depends on the device pair and the kernel that
+            # notices; this one names both devices.
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two devices, "
+                f"{tensor.device} and {input.device}!"
+            )
+    if _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh):
+        h_new, _, _ = ops.apply_gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
+    else:
+        h_new, _, _ = ops.gru_cell_forward(input, hx, w_ih, w_hh, b_ih, b_hh, False)
+    return h_new

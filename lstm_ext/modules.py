@@ -1,12 +1,13 @@
-"""``lstm_ext.LSTM`` and ``lstm_ext.LSTMCell``: drop-ins for ``torch.nn.LSTM`` / ``LSTMCell``.
+"""``lstm_ext.LSTM``, ``LSTMCell``, ``GRU``, ``GRUCell``: drop-ins for their ``torch.nn`` namesakes.
 
 They subclass torch's ``RNNBase`` / ``RNNCellBase``, so the constructor, its argument checks, the
 parameter names, shapes and initialization, ``state_dict`` and ``repr`` are torch's own, and a
 ``state_dict`` moves between the two implementations without conversion. ``forward`` runs
 lstm_ext's fused operators.
 
-Why not subclass ``torch.nn.LSTM`` itself: ``torch.compile`` refuses to trace any instance of
-``torch.nn.LSTM`` (Dynamo graph-breaks on RNN/GRU/LSTM), which would make ``fullgraph=True`` fail.
+Why not subclass ``torch.nn.LSTM`` (``torch.nn.GRU``) itself: ``torch.compile`` refuses to trace
+any instance of them (Dynamo graph-breaks on RNN/GRU/LSTM), which would make ``fullgraph=True``
+fail.
 
 Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``L`` layers,
 ``D`` directions.
@@ -25,7 +26,7 @@ from torch.nn.utils.rnn import PackedSequence
 from lstm_ext import functional
 from lstm_ext import onnx as lstm_onnx
 
-__all__ = ["LSTM", "LSTMCell"]
+__all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell"]
 
 _Module = TypeVar("_Module", bound=torch.nn.Module)
 
@@ -349,3 +350,284 @@ class LSTMCell(RNNCellBase):
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
+
+
+def _gru_config(module: RNNBase) -> dict:
+    """The constructor arguments (but device and dtype) of a torch.nn.GRU or lstm_ext.GRU."""
+    return dict(
+        input_size=module.input_size,
+        hidden_size=module.hidden_size,
+        num_layers=module.num_layers,
+        bias=module.bias,
+        batch_first=module.batch_first,
+        dropout=module.dropout,
+        bidirectional=module.bidirectional,
+    )
+
+
+def _gru_autocast(
+    device: torch.device, state_dtype: torch.dtype
+) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """How torch.nn.GRU and GRUCell run under torch.autocast: (cast_to, result_dtype).
+
+    Measured on torch 2.13. On CUDA, cuDNN's GRU (and ``gru_cell``) is on the lower-precision
+    list: everything is cast, cast_to is the autocast dtype, as for the LSTM. On the CPU no GRU
+    op is on a list; torch's native GRU autocasts only its GEMMs, whose results meet the hidden
+    state in the pointwise math, so its outputs come out in
+    ``promote_types(autocast dtype, h_0's dtype)`` (float32 for a float32 or absent h_0), padded
+    or packed, GRU or GRUCell alike. lstm_ext computes in the weights' dtype there (cast_to None:
+    lower-precision inputs and states are cast up to it) and returns that result dtype.
+    (None, None) when autocast is off for the device.
+    """
+    kind = device.type
+    if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
+        return None, None
+    lower = torch.get_autocast_dtype(kind)
+    if kind == "cuda":
+        return lower, None
+    if not state_dtype.is_floating_point or state_dtype == torch.float64:
+        return None, None  # autocast leaves it alone
+    return None, torch.promote_types(lower, state_dtype)
+
+
+def _to_compute_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    # Under CPU autocast: a lower-precision input or state joins the weights' dtype.
+    if tensor.dtype != dtype and tensor.is_floating_point() and tensor.dtype != torch.float64:
+        return tensor.to(dtype)
+    return tensor
+
+
+class GRU(RNNBase):
+    """Multi-layer GRU on fused kernels; a drop-in for :class:`torch.nn.GRU`.
+
+    Same constructor, parameters (``weight_ih_l{k}`` ``[3H, C_k]``, ``weight_hh_l{k}``
+    ``[3H, H]``, ``bias_ih_l{k}``, ``bias_hh_l{k}`` ``[3H]``, ``*_reverse``; gates r, z, n),
+    initialization, forward signature and return structure: ``output, h_n = gru(input, h_0)``
+    with input ``[T, N, C]`` (``[N, T, C]`` if batch_first), unbatched ``[T, C]``, or a
+    ``PackedSequence``; output ``[T, N, D*H]`` (a ``PackedSequence`` for packed input); h_n
+    ``[L*D, N, H]``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            "GRU",
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            device=device,
+            dtype=dtype,
+        )
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.GRU) -> GRU:
+        """An ``lstm_ext.GRU`` equal to ``module``, a :class:`torch.nn.GRU`.
+
+        Same configuration, device, dtype, parameter values, requires_grad flags and training
+        mode. The parameters are copied: the two modules do not share storage afterwards.
+        """
+        if not isinstance(module, torch.nn.GRU):
+            raise TypeError(
+                f"lstm_ext.GRU.from_torch expects a torch.nn.GRU, got {type(module).__name__}"
+            )
+        return _converted(module, cls, _gru_config(module))
+
+    def to_torch(self) -> torch.nn.GRU:
+        """A :class:`torch.nn.GRU` equal to this module, e.g. for export or deployment.
+
+        Same configuration, device, dtype, parameter values, requires_grad flags and training
+        mode; the parameters are copied.
+        """
+        return _converted(self, torch.nn.GRU, _gru_config(self))
+
+    def flatten_parameters(self) -> None:
+        """Accepted for compatibility; does nothing (lstm_ext reads each parameter as it is)."""
+
+    def _zero_state(self, batch: int | Tensor, input: Tensor) -> Tensor:
+        directions = 2 if self.bidirectional else 1
+        return torch.zeros(
+            self.num_layers * directions, batch, self.hidden_size,
+            dtype=input.dtype, device=input.device,
+        )
+
+    @overload
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def forward(
+        self, input: PackedSequence, hx: Tensor | None = None
+    ) -> tuple[PackedSequence, Tensor]: ...
+
+    def forward(self, input, hx=None):  # type: ignore[override]
+        """Runs the GRU; see the class docstring for shapes. Mirrors torch.nn.GRU.forward."""
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
+        if input.dim() not in (2, 3):
+            raise ValueError(f"GRU: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        is_batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not is_batched:
+            input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                if hx.dim() != 2:
+                    raise RuntimeError(
+                        f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D "
+                        "tensor"
+                    )
+                hx = hx.unsqueeze(1)
+        elif hx is not None and hx.dim() != 3:
+            raise RuntimeError(
+                f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+            )
+        if hx is None:
+            hx = self._zero_state(input.size(0) if self.batch_first else input.size(1), input)
+        self.check_forward_args(input, hx, None)
+        output, h_n = self._run(input, hx, None)
+        if not is_batched:
+            return output.squeeze(batch_dim), h_n.squeeze(1)
+        return output, h_n
+
+    def _forward_packed(
+        self, packed: PackedSequence, hx: Tensor | None
+    ) -> tuple[PackedSequence, Tensor]:
+        data, batch_sizes, sorted_indices, unsorted_indices = packed
+        if hx is None:
+            hx = self._zero_state(int(batch_sizes[0]), data)
+        else:
+            # hx is given in the caller's batch order; the kernels run in sorted order. torch
+            # permutes before it checks, so a mistake gets torch's answer.
+            hx = self.permute_hidden(hx, sorted_indices)
+        self.check_forward_args(data, hx, batch_sizes)
+        output, h_n = self._run(data, hx, batch_sizes)
+        output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        return output_packed, self.permute_hidden(h_n, unsorted_indices)
+
+    def _run(
+        self, input: Tensor, hx: Tensor, batch_sizes: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        # Read the parameters by name, not from the cached _flat_weights, so that
+        # torch.func.functional_call and parametrizations see the tensors they substitute.
+        weights = [getattr(self, name) for name in self._flat_weights_names]
+        cast_to, result_dtype = _gru_autocast(input.device, hx.dtype)
+        if cast_to is None and result_dtype is None:
+            return self._gru(input, hx, weights, batch_sizes)
+        if cast_to is not None:
+            # CUDA: compute in the lower precision, as cuDNN's GRU does under autocast.
+            input = functional.autocast_cast(input, cast_to)
+            hx = functional.autocast_cast(hx, cast_to)
+            weights = [functional.autocast_cast(w, cast_to) for w in weights]
+        else:
+            input = _to_compute_dtype(input, weights[0].dtype)
+            hx = _to_compute_dtype(hx, weights[0].dtype)
+        with torch.autocast(input.device.type, enabled=False):
+            output, h_n = self._gru(input, hx, weights, batch_sizes)
+        if result_dtype is not None:
+            output, h_n = output.to(result_dtype), h_n.to(result_dtype)
+        return output, h_n
+
+    def _gru(
+        self, input: Tensor, hx: Tensor, weights: list[Tensor], batch_sizes: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        return functional.gru(
+            input,
+            hx,
+            weights,
+            self.bias,
+            self.num_layers,
+            self.dropout,
+            self.training,
+            self.bidirectional,
+            self.batch_first,
+            batch_sizes=batch_sizes,
+        )
+
+
+class GRUCell(RNNCellBase):
+    """One GRU step on fused kernels; a drop-in for :class:`torch.nn.GRUCell`.
+
+    ``h_1 = cell(input, h_0)`` with input ``[N, C]`` or unbatched ``[C]``, state ``[N, H]`` (or
+    ``[H]``). Parameters ``weight_ih [3H, C]``, ``weight_hh [3H, H]``, ``bias_ih``,
+    ``bias_hh [3H]``, initialized as torch's.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.GRUCell) -> GRUCell:
+        """An ``lstm_ext.GRUCell`` equal to ``module``, a :class:`torch.nn.GRUCell`.
+
+        Same sizes, bias, device, dtype, parameter values, requires_grad flags and training
+        mode; the parameters are copied.
+        """
+        if not isinstance(module, torch.nn.GRUCell):
+            raise TypeError(
+                "lstm_ext.GRUCell.from_torch expects a torch.nn.GRUCell, got "
+                f"{type(module).__name__}"
+            )
+        config = dict(input_size=module.input_size, hidden_size=module.hidden_size,
+                      bias=module.bias)
+        return _converted(module, cls, config)
+
+    def to_torch(self) -> torch.nn.GRUCell:
+        """A :class:`torch.nn.GRUCell` equal to this cell; the parameters are copied."""
+        config = dict(input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
+        return _converted(self, torch.nn.GRUCell, config)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """One step; mirrors torch.nn.GRUCell.forward."""
+        if input.dim() not in (1, 2):
+            raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            hx = torch.zeros(
+                input.size(0), self.hidden_size, dtype=input.dtype, device=input.device
+            )
+        elif not is_batched:
+            hx = hx.unsqueeze(0)
+        # Read by name, for torch.func.functional_call.
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        cast_to, result_dtype = _gru_autocast(input.device, hx.dtype)
+        if cast_to is None and result_dtype is None:
+            h = functional.gru_cell(input, hx, *weights)
+        else:
+            if cast_to is not None:
+                # CUDA: gru_cell is on autocast's lower-precision list.
+                input = functional.autocast_cast(input, cast_to)
+                hx = functional.autocast_cast(hx, cast_to)
+                weights = tuple(functional.autocast_cast(w, cast_to) for w in weights)
+            else:
+                input = _to_compute_dtype(input, self.weight_ih.dtype)
+                hx = _to_compute_dtype(hx, self.weight_ih.dtype)
+            with torch.autocast(input.device.type, enabled=False):
+                h = functional.gru_cell(input, hx, *weights)
+            if result_dtype is not None:
+                h = h.to(result_dtype)
+        if not is_batched:
+            return h.squeeze(0)
+        return h

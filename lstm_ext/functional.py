@@ -115,6 +115,26 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _forward_mode_active(*tensors: Tensor | None) -> bool:
+    """Whether forward-mode AD reaches this call: torch.func.jvp (jacfwd, hessian), or
+    torch.autograd.forward_ad dual tensors among `tensors`.
+
+    It matters because a raw op without a forward formula does not fail there: its outputs carry
+    no tangent, which torch.func.jvp returns as zeros. So the LSTM takes its autograd Functions
+    (which have jvp) whenever forward mode is active, whether or not a gradient is needed.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active() and any(
+        interpreter.key() == torch._C._functorch.TransformType.Jvp
+        for interpreter in torch._C._functorch.get_interpreter_stack()
+    ):
+        return True
+    return forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    )
+
+
 def lstm(
     input: Tensor,
     hx: Sequence[Tensor],
@@ -181,7 +201,7 @@ def lstm(
     else:
         x = input
 
-    training = _needs_grad(input, h0, c0, *weights)
+    training = _needs_grad(input, h0, c0, *weights) or _forward_mode_active(input, h0, c0, *weights)
     # torch.onnx.export: lstm_ext.onnx's stand-in writes each layer as an ONNX LSTM node (an
     # export computes no gradients, so no autograd Function is traced).
     exporting = lstm_onnx.in_onnx_export()
@@ -269,7 +289,9 @@ def lstm_cell(
     if lstm_onnx.in_onnx_export():
         # torch.onnx.export: lstm_ext.onnx's stand-in writes the step as an ONNX LSTM node.
         h_new, c_new, _ = lstm_onnx.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, False)
-    elif _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh):
+    elif _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh) or _forward_mode_active(
+        input, h, c, w_ih, w_hh, b_ih, b_hh
+    ):
         h_new, c_new, _ = ops.apply_lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
     else:
         h_new, c_new, _ = ops.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, False)
@@ -277,21 +299,9 @@ def lstm_cell(
 
 
 def _refuse_forward_mode(name: str, *tensors: Tensor | None) -> None:
-    """Raises where forward-mode AD would reach the GRU's ops, which have no forward mode yet.
-
-    Under torch.func.jvp (jacfwd, hessian) or with forward_ad dual tensors, an op without a
-    forward formula does not fail: its outputs carry no tangent, which torch.func.jvp returns as
-    zeros. So the GRU refuses instead of computing wrong tangents.
-    """
-    if torch.compiler.is_compiling():
-        return
-    jvp = torch._C._are_functorch_transforms_active() and any(
-        interpreter.key() == torch._C._functorch.TransformType.Jvp
-        for interpreter in torch._C._functorch.get_interpreter_stack()
-    )
-    if not jvp and forward_ad._current_level >= 0:
-        jvp = any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-    if jvp:
+    """Raises where forward-mode AD would reach ops that have no forward mode yet (the GRU's, the
+    LSTM variants'), rather than let them compute zero tangents (see _forward_mode_active)."""
+    if _forward_mode_active(*tensors):
         raise NotImplementedError(
             f"lstm_ext.{name} has no forward-mode AD yet (torch.func.jvp, jacfwd, hessian, "
             "torch.autograd.forward_ad); use reverse mode, or convert it with to_torch()."

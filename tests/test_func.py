@@ -335,3 +335,31 @@ def test_lstm_cell_forward_mode_and_hessian_match_torch():
 
     expected = torch.autograd.functional.hessian(loss(theirs), x)
     assert_close(torch.func.hessian(loss(ours))(x), expected, D, "LSTMCell hessian")
+
+
+def test_forward_mode_with_frozen_parameters_and_under_no_grad():
+    # Nothing requires grad here, so the functional layer would take the raw inference op, whose
+    # outputs carry no tangent: torch.func.jvp would return zeros. Forward mode must be detected.
+    import torch.autograd.forward_ad as fwAD
+
+    theirs, ours = paired_lstms(D, input_size=2, hidden_size=3, num_layers=2)
+    cell_theirs = torch.nn.LSTMCell(2, 3, dtype=D)
+    cell_ours = lstm_ext.LSTMCell.from_torch(cell_theirs)
+    for module in (theirs, ours, cell_theirs, cell_ours):
+        module.requires_grad_(False)
+    x, tangent = torch.randn(3, 2, 2, dtype=D), torch.randn(3, 2, 2, dtype=D)
+    for mine, reference, sample, direction in (
+        (ours, theirs, x, tangent),
+        (cell_ours, cell_theirs, x[0], tangent[0]),
+    ):
+        _, actual = torch.func.jvp(lambda a: mine(a)[0], (sample,), (direction,))
+        _, expected = torch.func.jvp(lambda a: reference(a)[0], (sample,), (direction,))
+        assert expected.abs().max() > 0
+        assert_close(actual, expected, D, "jvp with frozen parameters")
+        results = []
+        for module in (mine, reference):
+            with torch.no_grad(), fwAD.dual_level():
+                out = module(fwAD.make_dual(sample, direction))[0]
+                results.append(fwAD.unpack_dual(out).tangent)
+        assert results[0] is not None
+        assert_close(results[0], results[1], D, "dual tangent under no_grad")

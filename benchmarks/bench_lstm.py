@@ -170,10 +170,20 @@ RUNTIMES = (ONNXRUNTIME, OPENVINO)
 RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
-def available_variants(device: torch.device, compile_reference: bool) -> list[VariantSpec]:
+# --cell: the recurrent cell every variant runs. The GRU runs lstm_ext.GRU against torch.nn.GRU
+# (whose CPU layer has no oneDNN path in torch: the oneDNN variant is then reported as skipped by
+# the path check) and lstm_ext.reference.gru; the runtimes run torch's own ONNX GRU export.
+CELLS = ("lstm", "gru")
+EXT_OPS = {"lstm": "lstm_ext::lstm_forward", "gru": "lstm_ext::gru_forward"}
+
+
+def available_variants(
+    device: torch.device, compile_reference: bool, cell: str = "lstm"
+) -> list[VariantSpec]:
     """lstm_ext first (every speedup is relative to it), then torch's paths, then the reference."""
     baselines = CUDA_BASELINES if device.type == "cuda" else (*CPU_BASELINES, *RUNTIMES)
-    variants = [EXT, *baselines, REFERENCE]
+    ext = dataclasses.replace(EXT, expect_op=EXT_OPS[cell])
+    variants = [ext, *baselines, REFERENCE]
     if compile_reference:
         variants.append(COMPILED)
     return variants
@@ -331,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--input-size", type=int, default=None, help="C for every shape (default: C = H)"
+    )
+    what.add_argument(
+        "--cell",
+        default="lstm",
+        choices=CELLS,
+        help="the cell: lstm (lstm_ext.LSTM against torch.nn.LSTM) or gru (lstm_ext.GRU against "
+        "torch.nn.GRU)",
     )
     what.add_argument("--layers", type=int, default=1, help="num_layers of every LSTM")
     what.add_argument("--bidirectional", action="store_true", help="bidirectional LSTMs")
@@ -517,20 +534,33 @@ class Workload:
     """
 
     def __init__(
-        self, shape: Shape, dtype: torch.dtype, device: torch.device, seed: int, training: bool
+        self,
+        shape: Shape,
+        dtype: torch.dtype,
+        device: torch.device,
+        seed: int,
+        training: bool,
+        cell: str = "lstm",
     ) -> None:
         torch.manual_seed(seed)
         options = {"device": device, "dtype": dtype}
         self.shape = shape
         self.training = training
-        self.torch_lstm = torch.nn.LSTM(
+        self.cell = cell
+        # The GRU carries h alone: every (h, c) below is then (h,), and outputs (output, h_n).
+        self.state_count = 2 if cell == "lstm" else 1
+        torch_module, ext_module = (
+            (torch.nn.LSTM, lstm_ext.LSTM) if cell == "lstm" else (torch.nn.GRU, lstm_ext.GRU)
+        )
+        self.reference = reference.lstm if cell == "lstm" else reference.gru
+        self.torch_lstm = torch_module(
             shape.input_size,
             shape.hidden_size,
             shape.layers,
             bidirectional=shape.bidirectional,
             **options,
         )
-        self.ext_lstm = lstm_ext.LSTM(
+        self.ext_lstm = ext_module(
             shape.input_size,
             shape.hidden_size,
             shape.layers,
@@ -552,39 +582,51 @@ class Workload:
             torch.randn(output_size, **options),
             torch.randn(states, **options),
             torch.randn(states, **options),
-        )
+        )[: 1 + self.state_count]
+
+    @property
+    def hx(self) -> tuple[Tensor, ...]:
+        """The initial state as the modules take it: (h0, c0), or the GRU's h0."""
+        return (self.h0, self.c0) if self.cell == "lstm" else self.h0
 
     def tensor_names(self) -> tuple[list[str], list[str]]:
         """Names of a step's outputs and (training) gradients, in order."""
         grads = ["input", *self.weight_names] if self.training else []
-        return ["output", "h_n", "c_n"], grads
+        return ["output", "h_n", "c_n"][: 1 + self.state_count], grads
+
+    def _module_forward(self, module: torch.nn.Module) -> Callable[..., tuple[Tensor, ...]]:
+        """module(x, hx) as a flat (output, h_n[, c_n])."""
+        if self.cell == "lstm":
+
+            def forward(x: Tensor, hx: Any) -> tuple[Tensor, ...]:
+                output, (h_n, c_n) = module(x, hx)
+                return output, h_n, c_n
+
+        else:
+
+            def forward(x: Tensor, hx: Any) -> tuple[Tensor, ...]:
+                return tuple(module(x, hx))
+
+        return forward
 
     def make_step(self, spec: VariantSpec, compile_backend: str) -> Callable[[], StepResult]:
         """The zero-argument callable that is timed for ``spec``."""
         shape = self.shape
         if spec.kind == "ext":
             params = [getattr(self.ext_lstm, name) for name in self.weight_names]
-
-            def forward(x: Tensor, hx: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-                output, (h_n, c_n) = self.ext_lstm(x, hx)
-                return output, h_n, c_n
-
+            forward = self._module_forward(self.ext_lstm)
         elif spec.kind == "runtime":
             return self._runtime_step(spec)
         elif spec.kind == "torch":
             params = [getattr(self.torch_lstm, name) for name in self.weight_names]
-
-            def forward(x: Tensor, hx: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-                output, (h_n, c_n) = self.torch_lstm(x, hx)
-                return output, h_n, c_n
-
+            forward = self._module_forward(self.torch_lstm)
         else:
             params = [getattr(self.torch_lstm, name) for name in self.weight_names]
-            function = reference.lstm
+            function = self.reference
             if spec.kind == "compiled":
-                function = torch.compile(reference.lstm, backend=compile_backend)
+                function = torch.compile(self.reference, backend=compile_backend)
 
-            def forward(x: Tensor, hx: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+            def forward(x: Tensor, hx: Any) -> tuple[Tensor, ...]:
                 return function(
                     x,
                     hx,
@@ -597,7 +639,7 @@ class Workload:
                     False,
                 )
 
-        x, hx, grad_outputs = self.input, (self.h0, self.c0), self.grad_outputs
+        x, hx, grad_outputs = self.input, self.hx, self.grad_outputs
         if self.training:
             inputs = [x, *params]
 
@@ -629,20 +671,26 @@ class Workload:
         return None
 
     def _onnx_model(self) -> bytes:
-        """The lstm_ext module exported as ONNX (TorchScript exporter: fast, no onnx package)."""
+        """The lstm_ext module exported as ONNX (TorchScript exporter: fast, no onnx package).
+
+        The GRU, which lstm_ext's exporter does not cover, is torch.nn.GRU's own export (ONNX GRU
+        nodes), on the same weights.
+        """
         buffer = io.BytesIO()
+        module = self.ext_lstm if self.cell == "lstm" else self.torch_lstm
+        names = ["input", "h0", "c0"][: 1 + self.state_count]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
-                self.ext_lstm, (self.input, (self.h0, self.c0)), buffer, dynamo=False,
-                input_names=["input", "h0", "c0"], output_names=["output", "h_n", "c_n"],
+                module, (self.input, self.hx), buffer, dynamo=False, input_names=names,
+                output_names=["output", "h_n", "c_n"][: 1 + self.state_count],
             )
         return buffer.getvalue()
 
     def _runtime_step(self, spec: VariantSpec) -> Callable[[], StepResult]:
         threads = torch.get_num_threads()
         model = self._onnx_model()
-        feeds = [t.detach().numpy() for t in (self.input, self.h0, self.c0)]
+        feeds = [t.detach().numpy() for t in (self.input, self.h0, self.c0)[: 1 + self.state_count]]
         if spec.key == "onnxruntime":
             import onnxruntime
 
@@ -675,7 +723,7 @@ class Workload:
 
             def run() -> list[Any]:
                 request.infer(feeds)
-                return [request.get_output_tensor(k).data for k in range(3)]
+                return [request.get_output_tensor(k).data for k in range(len(feeds))]
 
         def step() -> StepResult:
             return tuple(torch.from_numpy(out) for out in run()), ()
@@ -802,10 +850,10 @@ def float64_oracle(work: Workload) -> StepResult:
         for name in work.weight_names
     ]
     x = work.input.detach().double().requires_grad_(work.training)
-    hx = (work.h0.double(), work.c0.double())
+    hx = (work.h0.double(), work.c0.double()) if work.cell == "lstm" else work.h0.double()
     shape = work.shape
     with torch.set_grad_enabled(work.training):
-        outputs = reference.lstm(
+        outputs = work.reference(
             x, hx, params, True, shape.layers, 0.0, work.training, shape.bidirectional, False
         )
         if not work.training:
@@ -825,6 +873,7 @@ class Settings:
     reps: int | None
     target_time: float
     compile_backend: str
+    cell: str = "lstm"
 
 
 @dataclasses.dataclass
@@ -910,7 +959,7 @@ def run_case(
     device = settings.device
     sync = synchronizer(device)
     _progress(f"{label} {shape.name} {mode}: preparing")
-    work = Workload(shape, settings.dtype, device, settings.seed, training)
+    work = Workload(shape, settings.dtype, device, settings.seed, training, settings.cell)
     names = work.tensor_names()
     runs = {spec.key: VariantRun(spec) for spec in variants}
 
@@ -951,7 +1000,7 @@ def run_case(
             continue
         run.check_time = time.perf_counter() - check_start
         result, run.peak_bytes, ops = outcome
-        run.ops = sorted(op for op in ops if "lstm" in op.lower() or "rnn" in op.lower())
+        run.ops = sorted(op for op in ops if any(k in op.lower() for k in ("lstm", "gru", "rnn")))
         spec = run.spec
         missing = spec.expect_op is not None and spec.expect_op not in ops
         forbidden = spec.forbid_op is not None and spec.forbid_op in ops
@@ -1344,7 +1393,7 @@ def main(argv: list[str] | None = None) -> int:
     assert device is not None
     dtype = DTYPES[args.dtype]
 
-    variants = available_variants(device, args.compile)
+    variants = available_variants(device, args.compile, args.cell)
     if args.variants is not None:
         known = {spec.key for spec in variants}
         unknown = [key for key in args.variants if key not in known]
@@ -1396,7 +1445,8 @@ def _run(
         else (f"auto ({MIN_AUTO_REPS}-{MAX_AUTO_REPS}, ~{args.target_time:g} s per shape and mode)")
     )
     print(
-        f"method      {args.dtype}; variants {', '.join(spec.key for spec in variants)}; "
+        f"method      {args.cell}, {args.dtype}; "
+        f"variants {', '.join(spec.key for spec in variants)}; "
         f"warm-up {args.warmup}, reps {reps_text}; interleaved round-robin",
         flush=True,
     )
@@ -1408,6 +1458,7 @@ def _run(
         reps=args.reps,
         target_time=args.target_time,
         compile_backend=args.compile_backend,
+        cell=args.cell,
     )
     cases = []
     count = len(shapes) * len(args.modes)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lstm_ext import onnx as lstm_onnx
-from lstm_ext import ops
+from lstm_ext import ops, variants
 
 __all__ = ["autocast_cast", "autocast_dtype", "gru", "gru_cell", "lstm", "lstm_cell"]
 
@@ -146,6 +146,8 @@ def lstm(
     bidirectional: bool,
     batch_first: bool,
     batch_sizes: Tensor | None = None,
+    variant: variants.LstmVariant | None = None,
+    variant_weights: Sequence[dict[str, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A stacked, optionally bidirectional LSTM running the fused ``lstm_ext::lstm_forward`` op.
 
@@ -159,11 +161,23 @@ def lstm(
             the list tells).
         dropout: probability of zeroing each output of every layer but the last, when train.
         batch_sizes: a ``PackedSequence``'s batch_sizes ``[T]`` (int64, CPU), or None.
+        variant: an LSTM variant (lstm_ext.variants), with variant_weights its parameters per
+            layer and direction (by name prefix: ``peephole``, ``layer_norm_weight_ih``, ...).
+            With coupled gates the weights and biases have 3H rows.
 
     Returns:
         (output ``[T, N, D*P]`` or ``[N, T, D*P]``, packed: ``[rows, D*P]``; h_n ``[L*D, N, P]``;
         c_n ``[L*D, N, H]``), the final states taken at each sequence's own last step.
     """
+    if variant is not None and not variant.changes_forward:
+        variant = None
+    extra_tensors = [t for extras in variant_weights or () for t in extras.values()]
+    if variant is not None:
+        if lstm_onnx.in_onnx_export():
+            raise RuntimeError(
+                f"lstm_ext.LSTM({variant.extra_repr()}): the LSTM variants have no ONNX export yet"
+            )
+        _refuse_forward_mode("LSTM variants", input, *hx, *weights, *extra_tensors)
     if len(hx) != 2:
         raise RuntimeError("lstm expects two hidden states")
     h0, c0 = hx
@@ -201,7 +215,9 @@ def lstm(
     else:
         x = input
 
-    training = _needs_grad(input, h0, c0, *weights) or _forward_mode_active(input, h0, c0, *weights)
+    training = _needs_grad(input, h0, c0, *weights, *extra_tensors) or _forward_mode_active(
+        input, h0, c0, *weights
+    )
     # torch.onnx.export: lstm_ext.onnx's stand-in writes each layer as an ONNX LSTM node (an
     # export computes no gradients, so no autograd Function is traced).
     exporting = lstm_onnx.in_onnx_export()
@@ -214,7 +230,12 @@ def lstm(
             w = weights[index * per_cell : (index + 1) * per_cell]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if projected else None
-            if exporting:
+            if variant is not None:
+                out, h, c = variants.run_variant_layer(
+                    variant, variant_weights[index], layer_input, h0[index], c0[index], w[0],
+                    w[1], b_ih, b_hh, w_hr, batch_sizes, direction == 1, train, training,
+                )
+            elif exporting:
                 out, h, c, _, _, _ = lstm_onnx.lstm_forward(
                     layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh,
                     reverse=direction == 1, training=False, w_hr=w_hr, batch_sizes=batch_sizes,
@@ -246,12 +267,18 @@ def lstm_cell(
     w_hh: Tensor,
     b_ih: Tensor | None = None,
     b_hh: Tensor | None = None,
+    variant: variants.LstmVariant | None = None,
+    variant_weights: dict[str, Tensor] | None = None,
+    train: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step on the fused ``lstm_ext::lstm_cell_forward`` op.
 
     Args:
         input: ``[N, C]``. hx: (h ``[N, H]``, c ``[N, H]``). w_ih ``[4H, C]``, w_hh ``[4H, H]``,
             b_ih/b_hh ``[4H]`` or None.
+        variant, variant_weights: an LSTM variant and its parameters (see :func:`lstm`); the
+            step then runs as a one-step layer of it. train: the module's training mode, which
+            zoneout follows.
 
     Returns:
         (h' ``[N, H]``, c' ``[N, H]``).
@@ -286,7 +313,19 @@ def lstm_cell(
                 "Expected all tensors to be on the same device, but found at least two devices, "
                 f"{tensor.device} and {input.device}!"
             )
-    if lstm_onnx.in_onnx_export():
+    if variant is not None and variant.changes_forward:
+        extras = list((variant_weights or {}).values())
+        if lstm_onnx.in_onnx_export():
+            raise RuntimeError(
+                f"lstm_ext.LSTMCell({variant.extra_repr()}): the LSTM variants have no ONNX "
+                "export yet"
+            )
+        _refuse_forward_mode("LSTMCell variants", input, h, c, w_ih, w_hh, b_ih, b_hh, *extras)
+        _, h_new, c_new = variants.run_variant_layer(
+            variant, variant_weights or {}, input.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh,
+            None, None, False, train, _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh, *extras),
+        )
+    elif lstm_onnx.in_onnx_export():
         # torch.onnx.export: lstm_ext.onnx's stand-in writes the step as an ONNX LSTM node.
         h_new, c_new, _ = lstm_onnx.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, False)
     elif _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh) or _forward_mode_active(

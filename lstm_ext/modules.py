@@ -15,6 +15,7 @@ Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``L`` laye
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import TypeVar, overload
 
@@ -25,6 +26,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lstm_ext import functional
 from lstm_ext import onnx as lstm_onnx
+from lstm_ext.variants import LstmVariant, reset_variant_parameters
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell"]
 
@@ -50,6 +52,45 @@ def _converted(source: torch.nn.Module, make: type[_Module], kwargs: dict) -> _M
     return target.train(source.training)
 
 
+def _refuse_torch_conversion(module: torch.nn.Module, name: str) -> None:
+    variant = module.variant
+    if variant.changes_forward:
+        raise ValueError(
+            f"lstm_ext.{name}({variant.extra_repr()}) has no torch.nn.{name} equivalent: torch's "
+            "LSTM has no variants"
+        )
+
+
+def _init_new_parameters(module: torch.nn.Module, names: list[str], hidden_size: int) -> None:
+    """torch's LSTM initialization, U(-1/sqrt(H), 1/sqrt(H)), for parameters added after it."""
+    bound = 1.0 / hidden_size**0.5 if hidden_size > 0 else 0.0
+    with torch.no_grad():
+        for name in names:
+            getattr(module, name).uniform_(-bound, bound)
+
+
+def _add_variant_parameters(
+    module: torch.nn.Module, variant: LstmVariant, suffixes: list[str], hidden_size: int,
+    factory: dict,
+) -> list[str]:
+    """Registers the variant's parameters (``<prefix><suffix>``) and, with coupled gates, replaces
+    the 4H-row weights and biases by 3H-row ones; returns the names of what it created."""
+    created = []
+    if variant.coupled_gates:
+        for name, param in list(module.named_parameters(recurse=False)):
+            if name.startswith(("weight_ih", "weight_hh", "bias_ih", "bias_hh")):
+                shape = (3 * hidden_size, *param.shape[1:])
+                setattr(module, name, torch.nn.Parameter(torch.empty(shape, **factory)))
+                created.append(name)
+    for suffix in suffixes:
+        for prefix, shape in variant.parameter_shapes(hidden_size).items():
+            module.register_parameter(
+                prefix + suffix, torch.nn.Parameter(torch.empty(shape, **factory))
+            )
+            created.append(prefix + suffix)
+    return created
+
+
 def _lstm_config(module: RNNBase) -> dict:
     """The constructor arguments (but device and dtype) of a torch.nn.LSTM or lstm_ext.LSTM."""
     return dict(
@@ -73,6 +114,10 @@ class LSTM(RNNBase):
     input ``[T, N, C]`` (``[N, T, C]`` if batch_first), unbatched ``[T, C]``, or a
     ``PackedSequence``; output ``[T, N, D*P]`` (a ``PackedSequence`` for packed input); h_n
     ``[L*D, N, P]``, c_n ``[L*D, N, H]``, where ``P = proj_size`` or ``H`` without projections.
+
+    Keyword-only variant options, all off by default (then the module is exactly the drop-in):
+    ``peephole``, ``coupled_gates``, ``layer_norm``, ``zoneout``, ``forget_bias``; see
+    :mod:`lstm_ext.variants` for what each means, its parameters and what runs it.
     """
 
     def __init__(
@@ -87,7 +132,18 @@ class LSTM(RNNBase):
         proj_size: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        peephole: bool = False,
+        coupled_gates: bool = False,
+        layer_norm: bool = False,
+        zoneout: float = 0.0,
+        forget_bias: float = 0.0,
     ) -> None:
+        variant = LstmVariant(
+            bool(peephole), bool(coupled_gates), bool(layer_norm), float(zoneout),
+            float(forget_bias),
+        )
+        variant.check("LSTM", bias, proj_size)
         super().__init__(
             "LSTM",
             input_size,
@@ -101,6 +157,37 @@ class LSTM(RNNBase):
             device=device,
             dtype=dtype,
         )
+        # With every option off nothing below runs: same parameters and random draws as torch's.
+        self.variant = variant
+        created = _add_variant_parameters(
+            self, variant, self._variant_suffixes(), hidden_size, {"device": device, "dtype": dtype}
+        )
+        if created:
+            self._init_flat_weights()
+            _init_new_parameters(self, created, hidden_size)
+        reset_variant_parameters(
+            self, variant, self._variant_suffixes(), hidden_size,
+            [name for name in self._flat_weights_names if name.startswith("bias_ih")],
+        )
+
+    def _variant_suffixes(self) -> list[str]:
+        """``_l{k}`` and ``_l{k}_reverse`` in the functional layer's order (layer, direction)."""
+        directions = ("", "_reverse") if self.bidirectional else ("",)
+        return [f"_l{layer}{d}" for layer in range(self.num_layers) for d in directions]
+
+    def reset_parameters(self) -> None:
+        """torch's initialization, then the variant parameters' (see lstm_ext.variants)."""
+        super().reset_parameters()
+        variant = getattr(self, "variant", None)  # None while RNNBase.__init__ runs
+        if variant is not None:
+            reset_variant_parameters(
+                self, variant, self._variant_suffixes(), self.hidden_size,
+                [name for name in self._flat_weights_names if name.startswith("bias_ih")],
+            )
+
+    def extra_repr(self) -> str:
+        options = self.variant.extra_repr()
+        return super().extra_repr() + (", " + options if options else "")
 
     @classmethod
     def from_torch(cls, module: torch.nn.LSTM) -> LSTM:
@@ -119,8 +206,10 @@ class LSTM(RNNBase):
         """A :class:`torch.nn.LSTM` equal to this module, e.g. for export or deployment.
 
         Same configuration, device, dtype, parameter values, requires_grad flags and training
-        mode; the parameters are copied.
+        mode; the parameters are copied. A variant that changes the forward pass has no torch
+        equivalent (ValueError); forget_bias alone is only an initialization and converts.
         """
+        _refuse_torch_conversion(self, "LSTM")
         return _converted(self, torch.nn.LSTM, _lstm_config(self))
 
     def get_expected_cell_size(
@@ -240,7 +329,9 @@ class LSTM(RNNBase):
         cast_to = functional.autocast_dtype(
             input.device, packed=batch_sizes is not None, projections=self.proj_size > 0
         )
-        if cast_to is None:
+        # The variants have no torch counterpart whose autocast behaviour to copy: they run in
+        # their parameters' dtype.
+        if cast_to is None or self.variant.changes_forward:
             return self._lstm(input, hx, weights, batch_sizes)
         # Under torch.autocast: compute in the lower precision, as torch.nn.LSTM does.
         state_dtype = hx[1].dtype
@@ -260,6 +351,14 @@ class LSTM(RNNBase):
         self, input: Tensor, hx: tuple[Tensor, Tensor], weights: list[Tensor],
         batch_sizes: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        variant, variant_weights = None, None
+        if self.variant.changes_forward:
+            variant = self.variant
+            prefixes = variant.parameter_shapes(self.hidden_size)
+            variant_weights = [
+                {prefix: getattr(self, prefix + suffix) for prefix in prefixes}
+                for suffix in self._variant_suffixes()
+            ]
         return functional.lstm(
             input,
             hx,
@@ -271,6 +370,8 @@ class LSTM(RNNBase):
             self.bidirectional,
             self.batch_first,
             batch_sizes=batch_sizes,
+            variant=variant,
+            variant_weights=variant_weights,
         )
 
 
@@ -280,6 +381,9 @@ class LSTMCell(RNNCellBase):
     ``h_1, c_1 = cell(input, (h_0, c_0))`` with input ``[N, C]`` or unbatched ``[C]``, states
     ``[N, H]`` (or ``[H]``). Parameters ``weight_ih [4H, C]``, ``weight_hh [4H, H]``, ``bias_ih``,
     ``bias_hh [4H]``, initialized as torch's.
+
+    The variant options of :class:`LSTM`, keyword-only; the cell's variant parameters have no
+    ``_l{k}`` suffix (``peephole``, ``layer_norm_weight_ih``, ...).
     """
 
     def __init__(
@@ -289,8 +393,41 @@ class LSTMCell(RNNCellBase):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        peephole: bool = False,
+        coupled_gates: bool = False,
+        layer_norm: bool = False,
+        zoneout: float = 0.0,
+        forget_bias: float = 0.0,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+        variant = LstmVariant(
+            bool(peephole), bool(coupled_gates), bool(layer_norm), float(zoneout),
+            float(forget_bias),
+        )
+        variant.check("LSTMCell", bias, 0)
+        super().__init__(
+            input_size, hidden_size, bias, num_chunks=variant.gates, device=device, dtype=dtype
+        )
+        self.variant = variant
+        created = _add_variant_parameters(
+            self, dataclasses.replace(variant, coupled_gates=False), [""], hidden_size,
+            {"device": device, "dtype": dtype},
+        )
+        _init_new_parameters(self, created, hidden_size)
+        reset_variant_parameters(self, variant, [""], hidden_size, ["bias_ih"] if bias else [])
+
+    def reset_parameters(self) -> None:
+        """torch's initialization, then the variant parameters' (see lstm_ext.variants)."""
+        super().reset_parameters()
+        variant = getattr(self, "variant", None)  # None while RNNCellBase.__init__ runs
+        if variant is not None:
+            reset_variant_parameters(
+                self, variant, [""], self.hidden_size, ["bias_ih"] if self.bias else []
+            )
+
+    def extra_repr(self) -> str:
+        options = self.variant.extra_repr()
+        return super().extra_repr() + (", " + options if options else "")
 
     @classmethod
     def from_torch(cls, module: torch.nn.LSTMCell) -> LSTMCell:
@@ -310,6 +447,7 @@ class LSTMCell(RNNCellBase):
 
     def to_torch(self) -> torch.nn.LSTMCell:
         """A :class:`torch.nn.LSTMCell` equal to this cell; the parameters are copied."""
+        _refuse_torch_conversion(self, "LSTMCell")
         config = dict(input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
         return _converted(self, torch.nn.LSTMCell, config)
 
@@ -338,7 +476,14 @@ class LSTMCell(RNNCellBase):
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         cast_to = functional.autocast_dtype(input.device, cell=True)
-        if cast_to is None:
+        if self.variant.changes_forward:
+            prefixes = self.variant.parameter_shapes(self.hidden_size)
+            extras = {prefix: getattr(self, prefix) for prefix in prefixes}
+            h, c = functional.lstm_cell(
+                input, hx, *weights, variant=self.variant, variant_weights=extras,
+                train=self.training,
+            )
+        elif cast_to is None:
             h, c = functional.lstm_cell(input, hx, *weights)
         else:
             # Under torch.autocast on CUDA, lstm_cell computes in the lower precision.

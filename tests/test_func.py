@@ -352,8 +352,8 @@ def test_forward_mode_with_frozen_parameters_and_under_no_grad():
         (ours, theirs, x, tangent),
         (cell_ours, cell_theirs, x[0], tangent[0]),
     ):
-        _, actual = torch.func.jvp(lambda a: mine(a)[0], (sample,), (direction,))
-        _, expected = torch.func.jvp(lambda a: reference(a)[0], (sample,), (direction,))
+        _, actual = torch.func.jvp(lambda a, m=mine: m(a)[0], (sample,), (direction,))
+        _, expected = torch.func.jvp(lambda a, m=reference: m(a)[0], (sample,), (direction,))
         assert expected.abs().max() > 0
         assert_close(actual, expected, D, "jvp with frozen parameters")
         results = []

@@ -15,6 +15,11 @@ Variants, all in one process and interleaved round-robin within every repetition
 * ``reference_compiled`` (``--compile``): the reference under ``torch.compile``; the first call
   (compilation included) is reported separately as compile time.
 
+``--cell gru`` runs ``lstm_ext.GRU`` against ``torch.nn.GRU`` (and ``reference.gru``) instead;
+``--cell peephole|cifg|layernorm|zoneout`` runs ``lstm_ext.LSTM`` with that variant option against
+the plain-PyTorch implementation of it (``reference.lstm_variant_layer``, and compiled with
+``--compile``), torch having no LSTM variants.
+
 Per shape and mode (inference: forward under ``no_grad``; training: forward plus backward to the
 input and every parameter), the script runs warm-up rounds, one profiled check round (peak memory,
 path check, and lstm_ext's max abs difference from every other variant), then timed rounds. Each
@@ -172,9 +177,63 @@ RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 # --cell: the recurrent cell every variant runs. The GRU runs lstm_ext.GRU against torch.nn.GRU
 # (whose CPU layer has no oneDNN path in torch: the oneDNN variant is then reported as skipped by
-# the path check) and lstm_ext.reference.gru; the runtimes run torch's own ONNX GRU export.
-CELLS = ("lstm", "gru")
-EXT_OPS = {"lstm": "lstm_ext::lstm_forward", "gru": "lstm_ext::gru_forward"}
+# the path check) and lstm_ext.reference.gru; the runtimes run torch's own ONNX GRU export. The
+# LSTM variants (lstm_ext.LSTM's options) have no torch.nn counterpart: they run against the
+# plain-PyTorch implementation a user would write, lstm_ext.reference.lstm_variant_layer (and it
+# compiled, with --compile).
+VARIANT_CELLS = {
+    "peephole": {"peephole": True},
+    "cifg": {"coupled_gates": True},
+    "layernorm": {"layer_norm": True},
+    "zoneout": {"zoneout": 0.25},
+}
+CELLS = ("lstm", "gru", *VARIANT_CELLS)
+EXT_OPS = {
+    "lstm": "lstm_ext::lstm_forward",
+    "gru": "lstm_ext::gru_forward",
+    "peephole": "lstm_ext::lstm_variant_forward",
+    "cifg": "lstm_ext::lstm_variant_forward",
+    # No kernel for layer norm yet: lstm_ext.LSTM(layer_norm=True) runs the reference's ops.
+    "layernorm": None,
+    "zoneout": "lstm_ext::lstm_variant_forward",
+}
+
+
+def variant_reference(options: dict[str, Any], names: list[str]) -> Callable[..., Any]:
+    """A stacked LSTM variant from reference.lstm_variant_layer, with reference.lstm's arguments;
+    ``params`` are the lstm_ext.LSTM's parameters in the order of ``names``."""
+
+    def run(x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+        by_name = dict(zip(names, params))
+        h0, c0 = hx
+        directions = 2 if bidirectional else 1
+        layer_input, h_n, c_n = x, [], []
+        for layer in range(num_layers):
+            outputs = []
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                index = layer * directions + direction
+                layer_norm = None
+                if options.get("layer_norm"):
+                    layer_norm = {
+                        key: by_name[f"layer_norm_{key}{suffix}"]
+                        for key in ("weight_ih", "weight_hh", "weight_c", "bias_c")
+                    }
+                out, h, c = reference.lstm_variant_layer(
+                    layer_input, h0[index], c0[index], by_name["weight_ih" + suffix],
+                    by_name["weight_hh" + suffix], by_name.get("bias_ih" + suffix),
+                    by_name.get("bias_hh" + suffix), reverse=direction == 1,
+                    peephole=by_name.get("peephole" + suffix),
+                    coupled_gates=bool(options.get("coupled_gates")), layer_norm=layer_norm,
+                    zoneout=float(options.get("zoneout", 0.0)), training=train,
+                )
+                outputs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+        return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+    return run
 
 
 def available_variants(
@@ -183,6 +242,12 @@ def available_variants(
     """lstm_ext first (every speedup is relative to it), then torch's paths, then the reference."""
     baselines = CUDA_BASELINES if device.type == "cuda" else (*CPU_BASELINES, *RUNTIMES)
     ext = dataclasses.replace(EXT, expect_op=EXT_OPS[cell])
+    if cell in VARIANT_CELLS:
+        # torch has no LSTM variants: the reference is the baseline.
+        variants = [ext, REFERENCE]
+        if compile_reference:
+            variants.append(COMPILED)
+        return variants
     variants = [ext, *baselines, REFERENCE]
     if compile_reference:
         variants.append(COMPILED)
@@ -346,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cell",
         default="lstm",
         choices=CELLS,
-        help="the cell: lstm (lstm_ext.LSTM against torch.nn.LSTM) or gru (lstm_ext.GRU against "
-        "torch.nn.GRU)",
+        help="the cell: lstm (lstm_ext.LSTM against torch.nn.LSTM), gru (lstm_ext.GRU against "
+        f"torch.nn.GRU), or an LSTM variant ({', '.join(VARIANT_CELLS)}: lstm_ext.LSTM with that "
+        "option against the plain-PyTorch reference; add --compile for it compiled too)",
     )
     what.add_argument("--layers", type=int, default=1, help="num_layers of every LSTM")
     what.add_argument("--bidirectional", action="store_true", help="bidirectional LSTMs")
@@ -547,31 +613,37 @@ class Workload:
         self.shape = shape
         self.training = training
         self.cell = cell
+        self.seed = seed
         # The GRU carries h alone: every (h, c) below is then (h,), and outputs (output, h_n).
-        self.state_count = 2 if cell == "lstm" else 1
-        torch_module, ext_module = (
-            (torch.nn.LSTM, lstm_ext.LSTM) if cell == "lstm" else (torch.nn.GRU, lstm_ext.GRU)
-        )
-        self.reference = reference.lstm if cell == "lstm" else reference.gru
-        self.torch_lstm = torch_module(
-            shape.input_size,
-            shape.hidden_size,
-            shape.layers,
-            bidirectional=shape.bidirectional,
-            **options,
-        )
-        self.ext_lstm = ext_module(
-            shape.input_size,
-            shape.hidden_size,
-            shape.layers,
-            bidirectional=shape.bidirectional,
-            **options,
-        )
-        self.ext_lstm.load_state_dict(self.torch_lstm.state_dict())
+        self.state_count = 1 if cell == "gru" else 2
+        sizes = (shape.input_size, shape.hidden_size, shape.layers)
+        if cell in VARIANT_CELLS:
+            # No torch module: the reference runs on lstm_ext's parameters.
+            self.torch_lstm = None
+            self.ext_lstm = lstm_ext.LSTM(
+                *sizes, bidirectional=shape.bidirectional, **options, **VARIANT_CELLS[cell]
+            )
+            self.weight_names = [name for name, _ in self.ext_lstm.named_parameters()]
+            self.reference = variant_reference(VARIANT_CELLS[cell], self.weight_names)
+        else:
+            torch_module, ext_module = (
+                (torch.nn.LSTM, lstm_ext.LSTM) if cell == "lstm" else (torch.nn.GRU, lstm_ext.GRU)
+            )
+            self.reference = reference.lstm if cell == "lstm" else reference.gru
+            self.torch_lstm = torch_module(*sizes, bidirectional=shape.bidirectional, **options)
+            self.ext_lstm = ext_module(*sizes, bidirectional=shape.bidirectional, **options)
+            self.ext_lstm.load_state_dict(self.torch_lstm.state_dict())
+            self.torch_lstm.train(training)
+            self.weight_names = list(self.torch_lstm._flat_weights_names)
         # Inference is what a deployed model runs: eval() mode, no autograd.
-        self.torch_lstm.train(training)
         self.ext_lstm.train(training)
-        self.weight_names = list(self.torch_lstm._flat_weights_names)
+        # Zoneout in training draws random masks: every variant reseeds before its forward, so
+        # that lstm_ext and the reference draw the same masks and their results compare.
+        self.reseed = cell == "zoneout" and training
+        if self.reseed:
+            # Inductor draws random numbers with its own generator unless told to fall back to
+            # eager's: without this the compiled reference's masks would differ from everyone's.
+            torch._inductor.config.fallback_random = True
         states = (shape.layers * shape.directions, shape.batch, shape.hidden_size)
         self.input = torch.randn(shape.seq_len, shape.batch, shape.input_size, **options)
         self.input.requires_grad_(training)
@@ -587,16 +659,21 @@ class Workload:
     @property
     def hx(self) -> tuple[Tensor, ...]:
         """The initial state as the modules take it: (h0, c0), or the GRU's h0."""
-        return (self.h0, self.c0) if self.cell == "lstm" else self.h0
+        return self.h0 if self.cell == "gru" else (self.h0, self.c0)
 
     def tensor_names(self) -> tuple[list[str], list[str]]:
         """Names of a step's outputs and (training) gradients, in order."""
         grads = ["input", *self.weight_names] if self.training else []
         return ["output", "h_n", "c_n"][: 1 + self.state_count], grads
 
+    @property
+    def baseline_module(self) -> torch.nn.Module:
+        """The module whose parameters the reference runs on: torch's, or for the variants ours."""
+        return self.torch_lstm if self.torch_lstm is not None else self.ext_lstm
+
     def _module_forward(self, module: torch.nn.Module) -> Callable[..., tuple[Tensor, ...]]:
         """module(x, hx) as a flat (output, h_n[, c_n])."""
-        if self.cell == "lstm":
+        if self.cell != "gru":
 
             def forward(x: Tensor, hx: Any) -> tuple[Tensor, ...]:
                 output, (h_n, c_n) = module(x, hx)
@@ -621,7 +698,7 @@ class Workload:
             params = [getattr(self.torch_lstm, name) for name in self.weight_names]
             forward = self._module_forward(self.torch_lstm)
         else:
-            params = [getattr(self.torch_lstm, name) for name in self.weight_names]
+            params = [getattr(self.baseline_module, name) for name in self.weight_names]
             function = self.reference
             if spec.kind == "compiled":
                 function = torch.compile(self.reference, backend=compile_backend)
@@ -640,6 +717,13 @@ class Workload:
                 )
 
         x, hx, grad_outputs = self.input, self.hx, self.grad_outputs
+        if self.reseed:
+            unseeded = forward
+
+            def forward(x: Tensor, hx: Any) -> tuple[Tensor, ...]:
+                torch.manual_seed(self.seed)
+                return unseeded(x, hx)
+
         if self.training:
             inputs = [x, *params]
 
@@ -846,12 +930,14 @@ def within_tolerance(comparison: dict[str, Any], dtype: torch.dtype) -> bool | N
 def float64_oracle(work: Workload) -> StepResult:
     """The reference in float64 on float64 copies of the weights, input and states."""
     params = [
-        getattr(work.torch_lstm, name).detach().double().requires_grad_(work.training)
+        getattr(work.baseline_module, name).detach().double().requires_grad_(work.training)
         for name in work.weight_names
     ]
     x = work.input.detach().double().requires_grad_(work.training)
     hx = (work.h0.double(), work.c0.double()) if work.cell == "lstm" else work.h0.double()
     shape = work.shape
+    if work.reseed:
+        torch.manual_seed(work.seed)
     with torch.set_grad_enabled(work.training):
         outputs = work.reference(
             x, hx, params, True, shape.layers, 0.0, work.training, shape.bidirectional, False
@@ -1295,8 +1381,8 @@ def write_plot(path: str, payload: dict[str, Any]) -> None:
     labels = {spec.key: spec.label for spec in every_spec}
     env = payload["env"]
     title = (
-        f"lstm_ext speedup ({env['device_name']}, {payload['config']['dtype']}, "
-        f"{env['threads']} threads; >1: lstm_ext faster)"
+        f"lstm_ext speedup, cell {payload['config'].get('cell', 'lstm')} ({env['device_name']}, "
+        f"{payload['config']['dtype']}, {env['threads']} threads; >1: lstm_ext faster)"
     )
     sweep = payload.get("sweep")
     if payload.get("grid"):

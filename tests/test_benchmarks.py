@@ -152,6 +152,32 @@ def test_bench_float64_layers_and_directions(bench: ModuleType, tmp_path: Path) 
     assert comparison["grad_max_abs_diff"] < 1e-10
 
 
+@pytest.mark.parametrize("cell", ["gru", "peephole", "cifg", "zoneout"])
+def test_bench_cells(bench: ModuleType, tmp_path: Path, cell: str) -> None:
+    # float64 so that the comparison is exact enough to catch a wrong cell; two layers,
+    # bidirectional, so that the variants' per-layer parameters are all paired up.
+    code, payload = _run_bench(
+        bench, tmp_path, *TINY, "--warmup", "0", "--cell", cell, "--dtype", "float64",
+        "--layers", "2", "--bidirectional",
+    )
+    assert code == 0
+    assert payload["config"]["cell"] == cell
+    for case in payload["results"]:
+        assert case["variants"]["lstm_ext"]["error"] is None
+        assert case["correctness"]["correct"] is True
+        comparison = case["correctness"]["comparisons"]["reference"]
+        assert comparison["output_max_abs_diff"] < 1e-10
+        if case["mode"] == "training":
+            assert comparison["grad_max_abs_diff"] < 1e-10
+            if cell == "peephole":
+                assert "peephole_l1_reverse" in comparison["per_tensor"]
+        if cell == "gru":
+            # torch.nn.GRU runs on torch's own path, compared too.
+            assert case["correctness"]["comparisons"]["torch_native"]["output_max_abs_diff"] < 1e-10
+        else:
+            assert set(case["variants"]) <= {"lstm_ext", "reference", "reference_compiled"}
+
+
 def test_bench_low_precision_run(bench: ModuleType, tmp_path: Path) -> None:
     code, payload = _run_bench(
         bench,

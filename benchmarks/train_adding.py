@@ -19,6 +19,10 @@ train in lockstep on the same batches with the same optimizer:
   while; that is the optimizer's sensitivity, not a bug, and the report says where it starts.
 * ``rnn``: a plain ``torch.nn.RNN`` (tanh), the contrast: its gradients vanish over long
   sequences and its loss stays near 0.167 while the LSTMs' drops.
+* ``--cells`` (default: all of them): the other cells lstm_ext offers, on the same batches and
+  from the same seed: ``gru`` (``lstm_ext.GRU``) and the LSTM variants ``peephole``, ``cifg``
+  (coupled input and forget gates), ``layernorm`` and ``zoneout`` (``lstm_ext.LSTM`` with that
+  option), so that each cell's standing on the task is measured side by side.
 
 Per step, each model's time (forward, backward, gradient clipping, optimizer step) is measured,
 in a rotating order, so the lstm_ext/torch speedup comes from pairs of steps on the same batch.
@@ -97,8 +101,33 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+# --cells: the extra models, each a function of (hidden size, factory kwargs).
+EXTRA_CELLS: dict[str, Callable[..., nn.Module]] = {
+    "gru": lambda hidden, **options: lstm_ext.GRU(2, hidden, **options),
+    "peephole": lambda hidden, **options: lstm_ext.LSTM(2, hidden, peephole=True, **options),
+    "cifg": lambda hidden, **options: lstm_ext.LSTM(2, hidden, coupled_gates=True, **options),
+    "layernorm": lambda hidden, **options: lstm_ext.LSTM(2, hidden, layer_norm=True, **options),
+    "zoneout": lambda hidden, **options: lstm_ext.LSTM(2, hidden, zoneout=0.1, **options),
+}
+LABELS = {
+    "lstm_ext": "lstm_ext.LSTM",
+    "torch": "torch.nn.LSTM",
+    "rnn": "torch.nn.RNN (tanh)",
+    "gru": "lstm_ext.GRU",
+    "peephole": "LSTM, peepholes",
+    "cifg": "LSTM, coupled gates",
+    "layernorm": "LSTM, layer norm",
+    "zoneout": "LSTM, zoneout 0.1",
+}
+
+
 def build_models(
-    hidden_size: int, device: torch.device, dtype: torch.dtype, seed: int, with_rnn: bool
+    hidden_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    with_rnn: bool,
+    cells: list[str] = (),
 ) -> dict[str, AddingModel]:
     """The models to train; lstm_ext's starts from a copy of torch's state_dict."""
     options: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -110,7 +139,22 @@ def build_models(
         torch.manual_seed(seed)
         rnn = nn.RNN(2, hidden_size, nonlinearity="tanh", **options)
         models["rnn"] = AddingModel(rnn, hidden_size)
+    for cell in cells:
+        torch.manual_seed(seed)
+        models[cell] = AddingModel(EXTRA_CELLS[cell](hidden_size, **options), hidden_size)
     return models
+
+
+def _cell_list(text: str) -> list[str]:
+    if text.strip().lower() == "none":
+        return []
+    cells = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in cells if name not in EXTRA_CELLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown cell(s) {', '.join(unknown)}: choose from {', '.join(EXTRA_CELLS)} or none"
+        )
+    return cells
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-size", type=int, default=1000, help="held-out sequences")
     parser.add_argument("--log-every", type=int, default=100, help="progress line every N steps")
     parser.add_argument("--no-rnn", action="store_true", help="skip the tanh RNN contrast")
+    parser.add_argument(
+        "--cells",
+        type=_cell_list,
+        default=list(EXTRA_CELLS),
+        help=f"the other cells to train alongside (comma-separated from {', '.join(EXTRA_CELLS)}, "
+        "or none)",
+    )
     parser.add_argument(
         "--json",
         metavar="PATH",
@@ -302,7 +353,7 @@ def format_summary(summary: dict[str, Any], args: argparse.Namespace) -> str:
         "final loss",
         "held-out MSE",
     ]
-    labels = {"lstm_ext": "lstm_ext.LSTM", "torch": "torch.nn.LSTM", "rnn": "torch.nn.RNN (tanh)"}
+    labels = LABELS
     rows = []
     for name, record in summary["models"].items():
         step = record["step_ms"]
@@ -356,13 +407,8 @@ def write_plot(path: str, payload: dict[str, Any]) -> None:
     """PNG: the training loss of each model against the step (log scale), and the 1/6 baseline."""
     plt = bu.pyplot()
     figure, axis = plt.subplots(figsize=(8, 4.5))
-    styles = {
-        "torch": ("torch.nn.LSTM", "-"),
-        "lstm_ext": ("lstm_ext.LSTM", "--"),
-        "rnn": ("torch.nn.RNN (tanh)", "-"),
-    }
     for name, curve in payload["losses"].items():
-        label, style = styles.get(name, (name, "-"))
+        label, style = LABELS.get(name, name), "--" if name == "lstm_ext" else "-"
         axis.plot(range(1, len(curve) + 1), curve, style, linewidth=1, label=label)
     axis.axhline(
         BASELINE_MSE, color="gray", linewidth=0.8, linestyle=":", label="predict the mean (1/6)"
@@ -416,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.dtype}, seed {args.seed}",
             flush=True,
         )
-        models = build_models(args.hidden_size, device, dtype, args.seed, not args.no_rnn)
+        models = build_models(
+            args.hidden_size, device, dtype, args.seed, not args.no_rnn, args.cells
+        )
 
         def log(message: str) -> None:
             print(message, file=sys.stderr, flush=True)

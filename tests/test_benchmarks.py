@@ -398,7 +398,8 @@ def test_train_adding_json(adding: ModuleType, tmp_path: Path) -> None:
     payload = json.loads(path.read_text())
     _assert_finite(payload)
     assert payload["schema"] == adding.SCHEMA
-    assert set(payload["losses"]) == {"torch", "lstm_ext", "rnn"}
+    # The LSTM pair, the tanh RNN, and by default every other cell.
+    assert set(payload["losses"]) == {"torch", "lstm_ext", "rnn", *adding.EXTRA_CELLS}
     assert all(len(curve) == 5 for curve in payload["losses"].values())
     # Same weights, same batches: the first loss is the same computation on both.
     assert payload["losses"]["lstm_ext"][0] == pytest.approx(
@@ -412,6 +413,14 @@ def test_train_adding_json(adding: ModuleType, tmp_path: Path) -> None:
         assert record["eval_mse"] >= 0
     assert payload["summary"]["speedup_vs_torch"]["median"] > 0
     assert payload["env"]["threads"] > 0
+
+
+def test_train_adding_cells_option(adding: ModuleType, tmp_path: Path) -> None:
+    path = tmp_path / "adding.json"
+    assert adding.main([*TINY_ADDING, "--no-rnn", "--cells", "gru,cifg", "--json", str(path)]) == 0
+    assert set(json.loads(path.read_text())["losses"]) == {"torch", "lstm_ext", "gru", "cifg"}
+    with pytest.raises(SystemExit):
+        adding.main([*TINY_ADDING, "--cells", "gru,transformer"])
 
 
 def test_train_adding_divergence_fails(adding: ModuleType) -> None:

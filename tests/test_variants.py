@@ -5,16 +5,21 @@ tested in test_reference_variants.py) built from the modules' own parameters, th
 
 from __future__ import annotations
 
+import copy
+import io
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
 from conftest import TOLERANCES
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lstm_ext
 from lstm_ext import ops, reference
@@ -478,3 +483,406 @@ def test_cpu_path_matches_oracle(capability):
     lines = result.stdout.split()
     assert lines[0] == capability, f"ran {lines[0]} instead of {capability}"
     assert lines[-1] == "ok"
+
+
+# --- 4. construction -----------------------------------------------------------------------------
+
+TORCH_CONFIGS = [dict(), dict(num_layers=2, bidirectional=True), dict(num_layers=2, proj_size=3),
+                 dict(bias=False, batch_first=True)]
+OPTIONS_OFF = dict(peephole=False, coupled_gates=False, layer_norm=False, zoneout=0.0,
+                   forget_bias=0.0)
+
+
+def _assert_same_state(ours: dict, theirs: dict) -> None:
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("config", TORCH_CONFIGS, ids=str)
+def test_options_off_is_torch_lstm(config):
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(5, 7, **config)
+    torch.manual_seed(0)
+    ours = lstm_ext.LSTM(5, 7, **config, **OPTIONS_OFF)
+    _assert_same_state(ours.state_dict(), theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+    _assert_same_state(lstm_ext.LSTM.from_torch(theirs).state_dict(), theirs.state_dict())
+    converted = ours.to_torch()
+    assert type(converted) is torch.nn.LSTM
+    _assert_same_state(converted.state_dict(), theirs.state_dict())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_options_off_is_torch_lstm_cell(bias):
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTMCell(5, 7, bias)
+    torch.manual_seed(0)
+    ours = lstm_ext.LSTMCell(5, 7, bias, **OPTIONS_OFF)
+    _assert_same_state(ours.state_dict(), theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+    _assert_same_state(lstm_ext.LSTMCell.from_torch(theirs).state_dict(), theirs.state_dict())
+    _assert_same_state(ours.to_torch().state_dict(), theirs.state_dict())
+
+
+@pytest.mark.parametrize("config", [dict(num_layers=2, bidirectional=True), dict(proj_size=3)],
+                         ids=str)
+def test_forget_bias_shifts_torch_init(config):
+    hidden, b = 7, 1.5
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(5, hidden, **config).state_dict()
+    torch.manual_seed(0)
+    module = lstm_ext.LSTM(5, hidden, **config, forget_bias=b)
+    ours = module.state_dict()
+    assert list(ours) == list(theirs)
+    forget = slice(hidden, 2 * hidden)
+    for key, value in theirs.items():
+        expected = value.clone()
+        if key.startswith("bias_ih"):
+            expected[forget] += b
+        assert torch.equal(ours[key], expected), key
+    assert not module.variant.changes_forward
+    _assert_same_state(module.to_torch().state_dict(), ours)
+
+
+def test_forget_bias_cell():
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTMCell(5, 7).state_dict()
+    torch.manual_seed(0)
+    cell = lstm_ext.LSTMCell(5, 7, forget_bias=-0.5)
+    ours = cell.state_dict()
+    assert list(ours) == list(theirs)
+    expected = theirs["bias_ih"].clone()
+    expected[7:14] += -0.5
+    assert torch.equal(ours["bias_ih"], expected)
+    for key in ("weight_ih", "weight_hh", "bias_hh"):
+        assert torch.equal(ours[key], theirs[key]), key
+    _assert_same_state(cell.to_torch().state_dict(), ours)
+
+
+@pytest.mark.parametrize("option", [dict(peephole=True), dict(coupled_gates=True),
+                                    dict(layer_norm=True), dict(zoneout=0.1)], ids=str)
+def test_to_torch_refuses_variants(option):
+    for make, name in ((lstm_ext.LSTM, "LSTM"), (lstm_ext.LSTMCell, "LSTMCell")):
+        module = make(5, 7, **option)
+        with pytest.raises(ValueError, match=f"has no torch.nn.{name} equivalent"):
+            module.to_torch()
+
+
+def test_coupled_gates_shapes():
+    lstm = lstm_ext.LSTM(5, 7, 2, bidirectional=True, proj_size=3, coupled_gates=True)
+    shapes = {name: tuple(p.shape) for name, p in lstm.named_parameters()}
+    for suffix in ("_l0", "_l0_reverse", "_l1", "_l1_reverse"):
+        inputs = 5 if suffix.startswith("_l0") else 6
+        assert shapes["weight_ih" + suffix] == (21, inputs)
+        assert shapes["weight_hh" + suffix] == (21, 3)
+        assert shapes["bias_ih" + suffix] == shapes["bias_hh" + suffix] == (21,)
+        assert shapes["weight_hr" + suffix] == (3, 7)
+    assert len(lstm._flat_weights) == 20
+    assert all(w is getattr(lstm, n) for w, n in zip(lstm._flat_weights, lstm._flat_weights_names))
+    cell = lstm_ext.LSTMCell(5, 7, coupled_gates=True)
+    assert {n: tuple(p.shape) for n, p in cell.named_parameters()} == {
+        "weight_ih": (21, 5), "weight_hh": (21, 7), "bias_ih": (21,), "bias_hh": (21,)}
+    bound = 1 / 7**0.5
+    for module in (lstm, cell):
+        for name, p in module.named_parameters():
+            assert p.abs().max() <= bound and p.std() > 0, name
+
+
+def _assert_variant_init(module, hidden: int, forget_bias: float = 0.0) -> None:
+    bound = 1 / hidden**0.5
+    for name, p in module.named_parameters():
+        if name.startswith("layer_norm_bias_c"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        elif name.startswith("layer_norm_weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.startswith("bias_ih") and forget_bias:
+            forget = p[hidden : 2 * hidden] - forget_bias
+            rest = torch.cat([p[:hidden], p[2 * hidden :]])
+            assert forget.abs().max() <= bound + 1e-6 and rest.abs().max() <= bound, name
+        else:
+            assert p.abs().max() <= bound and p.std() > 0, name
+
+
+@pytest.mark.parametrize("make", [lstm_ext.LSTM, lstm_ext.LSTMCell], ids=["LSTM", "LSTMCell"])
+def test_variant_init_and_reset_parameters(make):
+    hidden = 9
+    extra = dict(num_layers=2, bidirectional=True) if make is lstm_ext.LSTM else {}
+    for options in (dict(peephole=True, layer_norm=True, forget_bias=2.0),
+                    dict(peephole=True, coupled_gates=True)):
+        module = make(5, hidden, **extra, **options)
+        if make is lstm_ext.LSTM:
+            peepholes = [n for n, _ in module.named_parameters() if n.startswith("peephole")]
+            assert peepholes == ["peephole_l0", "peephole_l0_reverse", "peephole_l1",
+                                 "peephole_l1_reverse"]
+        _assert_variant_init(module, hidden, options.get("forget_bias", 0.0))
+        with torch.no_grad():
+            for p in module.parameters():
+                p.fill_(5.0)
+        module.reset_parameters()
+        _assert_variant_init(module, hidden, options.get("forget_bias", 0.0))
+
+
+def test_repr_shows_options():
+    lstm = lstm_ext.LSTM(5, 7, 2, peephole=True, coupled_gates=True, layer_norm=True,
+                         zoneout=0.25)
+    assert repr(lstm) == ("LSTM(5, 7, num_layers=2, peephole=True, coupled_gates=True, "
+                          "layer_norm=True, zoneout=0.25)")
+    assert repr(lstm_ext.LSTM(5, 7, proj_size=3, forget_bias=1.0)) == (
+        "LSTM(5, 7, proj_size=3, forget_bias=1.0)")
+    assert repr(lstm_ext.LSTMCell(5, 7, bias=False, peephole=True)) == (
+        "LSTMCell(5, 7, bias=False, peephole=True)")
+
+
+REFUSED = [
+    (dict(zoneout=1.0), "{}: zoneout must be in [0, 1), got 1.0"),
+    (dict(zoneout=-0.1), "{}: zoneout must be in [0, 1), got -0.1"),
+    (dict(forget_bias=float("nan")), "{}: forget_bias must be finite, got nan"),
+    (dict(forget_bias=1.0, coupled_gates=True),
+     "{}: forget_bias=1.0 with coupled_gates=True: coupled gates have no forget gate (f = 1 - i)"),
+    (dict(forget_bias=1.0, bias=False), "{}: forget_bias=1.0 needs bias=True"),
+]
+REFUSED_WITH_PROJECTIONS = [
+    (dict(layer_norm=True), "layer_norm=True"),
+    (dict(zoneout=0.2), "zoneout=0.2"),
+    (dict(layer_norm=True, zoneout=0.2), "layer_norm=True and zoneout=0.2"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), REFUSED, ids=[str(o) for o, _ in REFUSED])
+def test_refused_options(options, message):
+    for make, name in ((lstm_ext.LSTM, "LSTM"), (lstm_ext.LSTMCell, "LSTMCell")):
+        with pytest.raises(ValueError, match=re.escape(message.format(name))):
+            make(5, 7, **options)
+
+
+@pytest.mark.parametrize(("options", "what"), REFUSED_WITH_PROJECTIONS,
+                         ids=[w for _, w in REFUSED_WITH_PROJECTIONS])
+def test_refused_with_projections(options, what):
+    message = (f"LSTM: proj_size=3 with {what} is not supported (projections combine with "
+               "peephole and coupled_gates)")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lstm_ext.LSTM(5, 7, proj_size=3, **options)
+    lstm_ext.LSTM(5, 7, proj_size=3, peephole=True, coupled_gates=True)  # these combine
+
+
+# --- 5. behaviour --------------------------------------------------------------------------------
+
+
+def _zoneout_run(module, x, seed=None):
+    if seed is not None:
+        torch.manual_seed(seed)
+    output, (h_n, c_n) = module(x)
+    return torch.cat([output.flatten(), h_n.flatten(), c_n.flatten()])
+
+
+@pytest.mark.parametrize("options", [dict(zoneout=0.5), dict(zoneout=0.5, peephole=True),
+                                     dict(zoneout=0.5, layer_norm=True)], ids=str)
+def test_zoneout_training_follows_the_seed_and_eval_is_deterministic(options):
+    lstm = lstm_ext.LSTM(5, 8, 2, bidirectional=True, **options)
+    x = torch.randn(6, 3, 5)
+    first, again, other = (_zoneout_run(lstm, x, seed) for seed in (7, 7, 8))
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    lstm.eval()
+    state = torch.get_rng_state()
+    evaluated = _zoneout_run(lstm, x)
+    assert torch.equal(torch.get_rng_state(), state), "eval drew random numbers"
+    assert torch.equal(evaluated, _zoneout_run(lstm, x, 9))
+    assert not torch.allclose(evaluated, first)
+    assert not torch.allclose(evaluated, other)
+
+
+def test_zoneout_cell_follows_the_seed_and_eval_is_deterministic():
+    cell = lstm_ext.LSTMCell(5, 8, zoneout=0.5, peephole=True)
+    x, hx = torch.randn(4, 5), (torch.randn(4, 8), torch.randn(4, 8))
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return torch.cat(cell(x, hx))
+
+    assert torch.equal(run(3), run(3))
+    assert not torch.allclose(run(3), run(4))
+    trained = run(3)
+    cell.eval()
+    evaluated = run(3)
+    assert torch.equal(evaluated, run(4))
+    assert not torch.allclose(evaluated, trained)
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    lstm = lstm_ext.LSTM(4, 8, 2, batch_first=True, bidirectional=True, peephole=True,
+                         coupled_gates=True)
+    x = torch.randn(3, 5, 4, requires_grad=True)
+
+    def loss(x):
+        output, (h_n, c_n) = lstm(x)
+        return _loss([output, h_n, c_n])
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    try:
+        wrt = [x, *lstm.parameters()]
+        expected, actual = loss(x), compiled(x)
+        torch.testing.assert_close(actual, expected, **TOLERANCES[f32])
+        for e, a in zip(torch.autograd.grad(expected, wrt), torch.autograd.grad(actual, wrt)):
+            torch.testing.assert_close(a, e, **TOLERANCES[f32])
+    finally:
+        torch._dynamo.reset()
+
+
+def _outputs(module, x):
+    module.eval()
+    with torch.no_grad():
+        output, (h_n, c_n) = module(x)
+    return output, h_n, c_n
+
+
+def test_save_load_and_deepcopy_round_trip():
+    lstm = lstm_ext.LSTM(5, 7, 2, bidirectional=True, peephole=True, coupled_gates=True,
+                         layer_norm=True, zoneout=0.2)
+    x = torch.randn(4, 3, 5)
+    buffer = io.BytesIO()
+    torch.save(lstm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    fresh = lstm_ext.LSTM(5, 7, 2, bidirectional=True, peephole=True, coupled_gates=True,
+                          layer_norm=True, zoneout=0.2)
+    fresh.load_state_dict(lstm.state_dict())
+    for other in (loaded, copy.deepcopy(lstm), fresh):
+        assert other.variant == lstm.variant and repr(other) == repr(lstm)
+        _assert_same_state(other.state_dict(), lstm.state_dict())
+        for a, e in zip(_outputs(other, x), _outputs(lstm, x), strict=True):
+            assert torch.equal(a, e)
+    cell = lstm_ext.LSTMCell(5, 7, peephole=True, zoneout=0.3)
+    buffer = io.BytesIO()
+    torch.save(cell.state_dict(), buffer)
+    buffer.seek(0)
+    other = lstm_ext.LSTMCell(5, 7, peephole=True, zoneout=0.3)
+    other.load_state_dict(torch.load(buffer))
+    x = torch.randn(3, 5)
+    assert torch.equal(torch.cat(other.eval()(x)), torch.cat(cell.eval()(x)))
+    assert torch.equal(torch.cat(copy.deepcopy(cell)(x)), torch.cat(cell(x)))
+
+
+@pytest.mark.parametrize("options", [dict(peephole=True), dict(coupled_gates=True),
+                                     dict(zoneout=0.3), dict(layer_norm=True)], ids=str)
+def test_forward_mode_ad_is_refused(options):
+    x = torch.randn(4, 2, 5, dtype=f64)
+    for module, sample in ((lstm_ext.LSTM(5, 3, dtype=f64, **options), x),
+                           (lstm_ext.LSTMCell(5, 3, dtype=f64, **options), x[0])):
+        params = {name: p.detach() for name, p in module.named_parameters()}
+
+        def f(s, module=module, params=params):
+            return torch.func.functional_call(module, params, (s,))[0]
+
+        name = type(module).__name__
+        with pytest.raises(NotImplementedError, match=f"lstm_ext.{name} variants has no forward"):
+            torch.func.jvp(f, (sample,), (torch.ones_like(sample),))
+        with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError):
+            f(torch.autograd.forward_ad.make_dual(sample, torch.ones_like(sample)))
+
+
+ONCE_DIFFERENTIABLE = [dict(peephole=True), dict(coupled_gates=True, peephole=True),
+                       dict(zoneout=0.3)]
+
+
+@pytest.mark.parametrize("options", ONCE_DIFFERENTIABLE, ids=str)
+def test_double_backward_is_refused(options):
+    x = torch.randn(4, 2, 5, dtype=f64, requires_grad=True)
+    for module, sample in ((lstm_ext.LSTM(5, 3, dtype=f64, **options), x),
+                           (lstm_ext.LSTMCell(5, 3, dtype=f64, **options), x[0])):
+        (grad,) = torch.autograd.grad(module(sample)[0].square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            grad.sum().backward()
+
+
+_LINEAR_LOSS_DOUBLE_BACKWARD_BUG = (
+    "a loss linear in the variant op's outputs (grad_outputs not requiring grad): "
+    "grad(..., create_graph=True) returns a gradient without grad_fn instead of one that "
+    "refuses double backward, so a gradient penalty added to the loss silently contributes "
+    "nothing (once_differentiable only looks at the grad_outputs)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=_LINEAR_LOSS_DOUBLE_BACKWARD_BUG)
+def test_double_backward_of_a_linear_loss_is_refused():
+    lstm = lstm_ext.LSTM(5, 3, dtype=f64, peephole=True)
+    x = torch.randn(4, 2, 5, dtype=f64, requires_grad=True)
+    loss = lstm(x)[0].sum()
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (loss + grad.square().sum()).backward()
+
+
+def test_layer_norm_double_backward_matches_oracle():
+    # Layer norm runs the reference, which autograd differentiates to any order.
+    lstm = lstm_ext.LSTM(5, 3, dtype=f64, layer_norm=True, peephole=True)
+    x = torch.randn(4, 2, 5, dtype=f64, requires_grad=True)
+    results = []
+    for run in (lambda: lstm(x)[0], lambda: _oracle_lstm(lstm, x)[0]):
+        (grad,) = torch.autograd.grad(run().sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(grad.square().sum(), [x, *lstm.parameters()]))
+    _compare(*results, range(len(results[0])), f64, "second order")
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_export_is_refused(dynamo):
+    lstm = lstm_ext.LSTM(4, 6, peephole=True, zoneout=0.2).eval()
+    cell = lstm_ext.LSTMCell(4, 6, coupled_gates=True).eval()
+    x = torch.randn(3, 2, 4)
+    cases = [(lstm, x, "LSTM(peephole=True, zoneout=0.2)")]
+    if not dynamo:  # each dynamo export takes seconds
+        cases.append((cell, x[0], "LSTMCell(coupled_gates=True)"))
+    for module, sample, name in cases:
+        message = f"lstm_ext.{name}: the LSTM variants have no ONNX export yet"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(RuntimeError, match=re.escape(message)):
+                torch.onnx.export(module, (sample,), io.BytesIO(), dynamo=dynamo)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the lstm_ext operator calls that reach the kernels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith("lstm_ext."):
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_ops(module, x, backward=True) -> dict[str, int]:
+    with _CountOps() as mode:
+        output = module(x)[0]
+        if backward:
+            output.sum().backward()
+    return mode.counts
+
+
+FORWARD = "lstm_ext.lstm_variant_forward.default"
+BACKWARD = "lstm_ext._lstm_variant_backward.default"
+
+
+@pytest.mark.parametrize("options", [dict(peephole=True), dict(coupled_gates=True),
+                                     dict(zoneout=0.3), dict(peephole=True, zoneout=0.3)],
+                         ids=str)
+def test_variants_run_the_variant_op(options):
+    x = torch.randn(4, 2, 5, requires_grad=True)
+    lstm = lstm_ext.LSTM(5, 3, 2, bidirectional=True, **options)
+    assert _count_ops(lstm, x) == {FORWARD: 4, BACKWARD: 4}
+    assert _count_ops(lstm.eval(), x.detach(), backward=False) == {FORWARD: 4}
+    cell = lstm_ext.LSTMCell(5, 3, **options)
+    assert _count_ops(cell, x[0]) == {FORWARD: 1, BACKWARD: 1}
+
+
+def test_layer_norm_runs_no_lstm_ext_op_and_forget_bias_the_plain_one():
+    x = torch.randn(4, 2, 5, requires_grad=True)
+    assert _count_ops(lstm_ext.LSTM(5, 3, 2, layer_norm=True, peephole=True), x) == {}
+    assert _count_ops(lstm_ext.LSTMCell(5, 3, layer_norm=True, zoneout=0.2), x[0]) == {}
+    counts = _count_ops(lstm_ext.LSTM(5, 3, forget_bias=1.0), x)
+    assert counts == {"lstm_ext.lstm_forward.default": 1, "lstm_ext._lstm_backward.default": 1}

@@ -15,7 +15,6 @@ Shapes: ``T`` time, ``N`` batch, ``C`` input size, ``H`` hidden size, ``L`` laye
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import TypeVar, overload
 
@@ -71,12 +70,13 @@ def _init_new_parameters(module: torch.nn.Module, names: list[str], hidden_size:
 
 def _add_variant_parameters(
     module: torch.nn.Module, variant: LstmVariant, suffixes: list[str], hidden_size: int,
-    factory: dict,
+    factory: dict, replace_weights: bool = True,
 ) -> list[str]:
-    """Registers the variant's parameters (``<prefix><suffix>``) and, with coupled gates, replaces
-    the 4H-row weights and biases by 3H-row ones; returns the names of what it created."""
+    """Registers the variant's parameters (``<prefix><suffix>``) and, with coupled gates and
+    replace_weights, replaces the 4H-row weights and biases by 3H-row ones; returns the names of
+    what it created."""
     created = []
-    if variant.coupled_gates:
+    if variant.coupled_gates and replace_weights:
         for name, param in list(module.named_parameters(recurse=False)):
             if name.startswith(("weight_ih", "weight_hh", "bias_ih", "bias_hh")):
                 shape = (3 * hidden_size, *param.shape[1:])
@@ -409,9 +409,10 @@ class LSTMCell(RNNCellBase):
             input_size, hidden_size, bias, num_chunks=variant.gates, device=device, dtype=dtype
         )
         self.variant = variant
+        # RNNCellBase made the weights with the variant's gate count already.
         created = _add_variant_parameters(
-            self, dataclasses.replace(variant, coupled_gates=False), [""], hidden_size,
-            {"device": device, "dtype": dtype},
+            self, variant, [""], hidden_size, {"device": device, "dtype": dtype},
+            replace_weights=False,
         )
         _init_new_parameters(self, created, hidden_size)
         reset_variant_parameters(self, variant, [""], hidden_size, ["bias_ih"] if bias else [])

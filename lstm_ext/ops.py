@@ -761,8 +761,8 @@ def _lstm_cell_backward_vmap(info, in_dims, *args):
 
 # ----------------------------------------------------------------------------------------------
 # The GRU's ops: wrappers, fake kernels and first-order autograd. Their gradients run the fused
-# backward ops; unlike the LSTM's they are once-differentiable (a double backward raises) and have
-# no vmap rule or forward mode yet.
+# backward ops; unlike the LSTM's they are first order only (differentiating a gradient raises,
+# see _first_order_only) and have no vmap rule or forward mode yet.
 
 
 def gru_forward(
@@ -859,6 +859,53 @@ def _gru_cell_backward_fake(grad_h, input, hx, w_ih, w_hh, saved_gates, saved_hi
     )
 
 
+def _first_order_only(name: str) -> Callable:
+    """Decorator for a backward computation that is not differentiable itself (the GRU's and the
+    LSTM variants' fused backward ops): runs it without recording, and when the backward builds a
+    graph (create_graph=True, torch.func.grad) returns gradients that raise if differentiated.
+
+    torch.autograd.function.once_differentiable alone is not enough: it marks the gradients only
+    when the incoming gradients require grad, so for a loss linear in the outputs (``out.sum()``)
+    it returns plain tensors, and a gradient penalty built on them silently contributes nothing.
+    The marking is what once_differentiable does (torch's DelayedError node), done always.
+    """
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def first_order(*args: Any) -> tuple:
+            with torch.no_grad():
+                grads = function(*args)
+            if not torch.is_grad_enabled():
+                return grads
+            message = (
+                f"lstm_ext: {name} cannot be differentiated twice yet (no double backward); "
+                "torch.nn's modules can (convert with to_torch() where one exists)"
+            )
+            if torch._C._are_functorch_transforms_active():
+                # torch.func: one grad level (torch.func.grad, vjp) is first order, and its
+                # wrapped tensors cannot be marked; a second one would differentiate these.
+                levels = [
+                    i for i in torch._C._functorch.get_interpreter_stack()
+                    if i.key() in (torch._C._functorch.TransformType.Grad,
+                                   torch._C._functorch.TransformType.Jvp)
+                ]
+                if len(levels) > 1:
+                    raise RuntimeError(message)
+                return grads
+            present = [g for g in grads if g is not None]
+            if not present:
+                return grads
+            marked = torch._C._functions.DelayedError(message, len(present))(
+                *[g.detach().requires_grad_() for g in present]
+            )
+            marked = iter(marked if isinstance(marked, tuple) else (marked,))
+            return tuple(None if g is None else next(marked) for g in grads)
+
+        return first_order
+
+    return decorate
+
+
 _GruLayerInputs = tuple  # (input, h0, w_ih, w_hh, b_ih, b_hh); b_* may be None
 _GruCellInputs = tuple  # (input, hx, w_ih, w_hh, b_ih, b_hh); b_* may be None
 
@@ -873,7 +920,7 @@ def _save_gru_layer(
     ctx.set_materialize_grads(False)
 
 
-@torch.autograd.function.once_differentiable
+@_first_order_only("the GRU")
 def _gru_layer_gradients(
     ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None
 ) -> tuple[Tensor | None, ...]:
@@ -903,7 +950,7 @@ def _save_gru_cell(ctx: Any, inputs: _GruCellInputs, output: tuple) -> None:
     ctx.set_materialize_grads(False)
 
 
-@torch.autograd.function.once_differentiable
+@_first_order_only("the GRU cell")
 def _gru_cell_gradients(ctx: Any, grad_h: Tensor | None) -> tuple[Tensor | None, ...]:
     """The gradients of one GRU step, in _GruCellInputs' order."""
     input, hx, w_ih, w_hh, b_ih, b_hh, saved_gates, saved_hidden_n = ctx.saved_tensors
@@ -1116,7 +1163,7 @@ def _save_variant_layer(
     ctx.set_materialize_grads(False)
 
 
-@torch.autograd.function.once_differentiable
+@_first_order_only("an LSTM variant")
 def _variant_layer_gradients(
     ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None
 ) -> tuple[Tensor | None, ...]:

@@ -24,6 +24,22 @@
 namespace lstm_ext::cpu {
 inline namespace CPU_CAPABILITY {
 
+// Stores activations saved for backward, which are not read again before backward, long after:
+// with `stream`, written around the cache where aligned (no read of each line before writing it,
+// no eviction of the weights); the caller must then _mm_sfence() on every thread that stored
+// before the buffer is read.
+inline void store_saved(float* p, const FloatVec& v, int64_t count, bool stream) {
+  if (stream && count == kVecWidth && reinterpret_cast<uintptr_t>(p) % sizeof(RawVec) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_stream_ps(p, v);
+#else
+    _mm256_stream_ps(p, v);
+#endif
+  } else {
+    store_units(p, v, count);
+  }
+}
+
 // The epilogue of a forward step: the tile's accumulators are gate pre-activations of kVecWidth
 // hidden units (B packed in gate order, so vector v of a tile is gate v); the last K block turns
 // them into c_t and h_t in registers, and saves the activated gates when training.
@@ -50,20 +66,9 @@ struct LstmForwardOutput {
   int64_t units(int64_t panel) const {
     return std::min<int64_t>(kVecWidth, hidden - panel * kVecWidth);
   }
-  // The activations saved for backward are not read again before backward, long after: written
-  // around the cache where aligned (no read of each line before writing it, no eviction of the
-  // weights). With stream_saved only: the caller must _mm_sfence() on every thread that ran this
-  // before the buffer is read.
+  // See store_saved.
   void save_units(float* p, const FloatVec& v, int64_t count) const {
-    if (stream_saved && count == kVecWidth && reinterpret_cast<uintptr_t>(p) % sizeof(RawVec) == 0) {
-#if defined(CPU_CAPABILITY_AVX512)
-      _mm512_stream_ps(p, v);
-#else
-      _mm256_stream_ps(p, v);
-#endif
-    } else {
-      store_units(p, v, count);
-    }
+    store_saved(p, v, count, stream_saved);
   }
 
   // Requests the cache lines tile `tile` of `panel` reads outside the GEMM: its gate
@@ -299,11 +304,11 @@ struct LstmBackwardOutput {
   }
 };
 
-// The GRU's epilogue of a forward step, over W_hh^T packed in kGruRecurrentGates order: a tile's
-// vectors are the recurrent products of r, z and n of kVecWidth hidden units, and, when the step
-// fuses its input projection (W_ih^T in kGruInputGates order onto the same tile), the r and z
-// vectors hold the input's products too and the last vector the input half of n. The GEMM runs
-// the whole K in registers (run_gru_tile), so the tile is never stored part-way.
+// The GRU's epilogue of a forward step, over W_hh^T packed in kGruGates order (three-vector
+// panels): a tile's vectors 0-2 are the recurrent products of r, z and n of kVecWidth hidden units,
+// and, when the step fuses its input projection (W_ih^T packed alike), vectors 0 and 1 hold the
+// input's r and z products too and vector 3 the input half of n. The GEMM runs the whole K in
+// registers (run_gru_tile), so the tile is never stored part-way.
 struct GruForwardOutput {
   // [N, 3H] in: the input projection (b_ih and b_hr, b_hz folded in) unless fused; out when
   // training: the activated r, z, n. Null when the input projection is fused and not training.
@@ -315,9 +320,29 @@ struct GruForwardOutput {
   int64_t hidden;
   bool training;
   bool input_fused;
+  // With the input projection fused: its biases [3H] (b_ih, b_hr and b_hz folded in), or null.
+  const float* input_bias = nullptr;
+  bool stream_saved = false;  // see store_saved
 
   float* gate_ptr(int64_t row, int64_t panel, int64_t gate) const {
     return gates + row * 3 * hidden + gate * hidden + panel * kVecWidth;
+  }
+
+  // The accumulators before the GEMMs: the input projection's biases when it is fused, else 0.
+  template <int64_t kRows>
+  void init(int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
+    RawVec start[kPanelVecs] = {raw_broadcast(0.f), raw_broadcast(0.f), raw_broadcast(0.f),
+                                raw_broadcast(0.f)};
+    if (input_fused && input_bias != nullptr) {
+      const int64_t j = panel * kVecWidth;
+      const int64_t count = std::min<int64_t>(kVecWidth, hidden - j);
+      start[0] = load_units(input_bias + j, count);
+      start[1] = load_units(input_bias + hidden + j, count);
+      start[3] = load_units(input_bias + 2 * hidden + j, count);
+    }
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t v = 0; v < kPanelVecs; ++v) acc[r][v] = start[v];
+    }
   }
 
   template <int64_t kRows>
@@ -340,10 +365,10 @@ struct GruForwardOutput {
           gru_cell_forward_unit(pre, load_units(h_prev + unit, count));
       store_units(h + unit, result.h, count);
       if (training) {
-        store_units(gate_ptr(row, panel, 0), result.gates.r, count);
-        store_units(gate_ptr(row, panel, 1), result.gates.z, count);
-        store_units(gate_ptr(row, panel, 2), result.gates.n, count);
-        store_units(hidden_n + unit, hidden_n_v, count);
+        store_saved(gate_ptr(row, panel, 0), result.gates.r, count, stream_saved);
+        store_saved(gate_ptr(row, panel, 1), result.gates.z, count, stream_saved);
+        store_saved(gate_ptr(row, panel, 2), result.gates.n, count, stream_saved);
+        store_saved(hidden_n + unit, hidden_n_v, count, stream_saved);
       }
     }
   }
@@ -468,7 +493,7 @@ inline GateLayout recurrent_gate_layout(Cell cell) {
     case Cell::kLstmCoupled:
       return GateLayout{3, {0, 1, 2, -1}};  // i, g, o
     case Cell::kGru:
-      return kGruRecurrentGates;
+      return kGruGates;
   }
   return kLstmGates;
 }
@@ -568,7 +593,8 @@ class FusedFloatBackend final : public StepBackend {
       // B = W_hh^T: element (k, col) = w_hh[col][k]; gate order for the fused epilogue.
       packed_w_hh_ = pack_b(w_hh.const_data_ptr<float>(), /*k_stride=*/1,
                             /*col_stride=*/w_hh.stride(0), w_hh.size(1), w_hh.size(0),
-                            ColumnOrder::kGates, recurrent_gate_layout(cell));
+                            ColumnOrder::kGates, recurrent_gate_layout(cell),
+                            cell == Cell::kGru ? 3 : kPanelVecs);
     }
   }
 
@@ -624,8 +650,8 @@ class FusedFloatBackend final : public StepBackend {
     at::parallel_for(0, b.panels, grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t row0 = 0; row0 < rows; row0 += kTileRows) {
-          run_gru_tile(nullptr, nullptr, nullptr, OperandA{h_rows + row0 * hidden_, hidden_, 1}, b,
-                       out, row0, std::min(kTileRows, rows - row0), p);
+          run_gru_tile(nullptr, nullptr, OperandA{h_rows + row0 * hidden_, hidden_, 1}, b, out,
+                       row0, std::min(kTileRows, rows - row0), p);
         }
       }
     });
@@ -877,30 +903,25 @@ class FusedFloatBackend final : public StepBackend {
                               static_cast<const float*>(args.peephole), coupled}};
   }
 
-  // One tile of a GRU step: acc = bias + x_t W_ih^T (when the input projection is fused) +
-  // h_{t-1} W_hh^T over the whole K, then the GRU epilogue.
+  // One tile of a GRU step: acc = bias + x_t W_ih^T (when the input projection is fused; its n
+  // half into vector 3) + h_{t-1} W_hh^T over the whole K, then the GRU epilogue. Both B operands
+  // are three-vector panels (kGruGates).
   template <int64_t kRows = kTileRows>
-  static void run_gru_tile(const OperandA* x, const PackedB* w_ih, const PlainOutput* bias,
-                           const OperandA& h, const PackedB& w_hh, const GruForwardOutput& out,
-                           int64_t row0, int64_t rows, int64_t panel) {
+  static void run_gru_tile(const OperandA* x, const PackedB* w_ih, const OperandA& h,
+                           const PackedB& w_hh, const GruForwardOutput& out, int64_t row0,
+                           int64_t rows, int64_t panel) {
     if constexpr (kRows > 1) {
       if (rows < kRows) {
-        run_gru_tile<kRows - 1>(x, w_ih, bias, h, w_hh, out, row0, rows, panel);
+        run_gru_tile<kRows - 1>(x, w_ih, h, w_hh, out, row0, rows, panel);
         return;
       }
     }
     RawVec acc[kRows][kPanelVecs];
-    if (bias != nullptr) {
-      bias->init<kRows>(panel, acc);
-    } else {
-      for (auto& row : acc) {
-        for (auto& v : row) v = raw_broadcast(0.f);
-      }
-    }
+    out.init<kRows>(panel, acc);
     if (x != nullptr) {
-      tile_multiply<kRows>(*x, w_ih->k, w_ih->panel(panel), w_ih->k_stride, acc);
+      tile_multiply3<kRows, 0, 1, 3>(*x, w_ih->k, w_ih->panel(panel), w_ih->k_stride, acc);
     }
-    tile_multiply<kRows>(h, w_hh.k, w_hh.panel(panel), w_hh.k_stride, acc);
+    tile_multiply3<kRows, 0, 1, 2>(h, w_hh.k, w_hh.panel(panel), w_hh.k_stride, acc);
     out.finish<kRows>(row0, panel, acc);
   }
 
@@ -914,13 +935,12 @@ class FusedFloatBackend final : public StepBackend {
       return false;
     }
     const bool input_fused = args.input != nullptr;
-    // B = W_ih^T: element (k, col) = w_ih[col][k], the n gate's input half in the free vector.
+    // B = W_ih^T: element (k, col) = w_ih[col][k], in the GRU's three-vector panels.
     const PackedB w_ih =
         input_fused ? pack_b(static_cast<const float*>(args.w_ih), /*k_stride=*/1,
                              /*col_stride=*/features, features, 3 * hidden, ColumnOrder::kGates,
-                             kGruInputGates)
+                             kGruGates, /*vecs=*/3)
                     : PackedB();
-    const PlainOutput bias{nullptr, 0, &w_ih, static_cast<const float*>(args.bias)};
     const auto* input = static_cast<const float*>(args.input);
     const auto* h0 = static_cast<const float*>(args.h0);
     auto* gates = static_cast<float*>(args.gates);
@@ -928,7 +948,7 @@ class FusedFloatBackend final : public StepBackend {
     auto* hidden_n = static_cast<float*>(args.cells);
     const int64_t k_total = hidden + (input_fused ? features : 0);
     const int64_t threads =
-        recurrence_threads(2 * batch * k_total * 4 * hidden, batch, w_hh.panels);
+        recurrence_threads(2 * batch * k_total * 3 * hidden, batch, w_hh.panels);
     run_on_threads(threads, [&](int64_t thread, int64_t team) {
       const RecurrenceShare share = recurrence_share(batch, w_hh.panels, thread, team);
       const int64_t r0 = share.row_begin, rows = share.rows();
@@ -945,7 +965,9 @@ class FusedFloatBackend final : public StepBackend {
                                    output + first_row * hidden,
                                    hidden,
                                    args.training,
-                                   input_fused};
+                                   input_fused,
+                                   static_cast<const float*>(args.bias),
+                                   /*stream_saved=*/true};
         const float* x_t = input_fused ? input + first_row * features : nullptr;
         // Blocks of rows whose x_t and h_{t-1} rows stay in L2 while the panels pass over them.
         for (int64_t t0 = 0; t0 < row_tiles; t0 += kBlockTiles) {
@@ -954,7 +976,7 @@ class FusedFloatBackend final : public StepBackend {
             for (int64_t tile = t0; tile < t1; ++tile) {
               const int64_t row0 = tile * kTileRows;
               const OperandA x_rows{x_t + row0 * features, features, 1};
-              run_gru_tile(input_fused ? &x_rows : nullptr, &w_ih, &bias,
+              run_gru_tile(input_fused ? &x_rows : nullptr, &w_ih,
                            OperandA{h_prev + row0 * hidden, hidden, 1}, w_hh, out, row0,
                            std::min(kTileRows, rows - row0), p);
             }
@@ -964,6 +986,7 @@ class FusedFloatBackend final : public StepBackend {
           team_barrier(team);
         }
       }
+      _mm_sfence();  // the saved activations' streaming stores (store_saved)
     });
     return true;
   }

@@ -95,18 +95,15 @@ struct GateLayout {
 };
 // The LSTM's i, f, g, o.
 inline constexpr GateLayout kLstmGates{};
-// The GRU's W_hh^T: r, z and the recurrent half of n; the last vector free.
-inline constexpr GateLayout kGruRecurrentGates{3, {0, 1, 2, -1}};
-// The GRU's W_ih^T when a step fuses its input projection: r and z onto the recurrent products,
-// the input half of n apart, in the vector W_hh^T leaves free.
-inline constexpr GateLayout kGruInputGates{3, {0, 1, -1, 2}};
+// The GRU's W_hh^T and W_ih^T: r, z, n, in panels of three vectors (PackedB::vecs), so that no
+// FMA is spent on an empty vector; see tile_multiply3.
+inline constexpr GateLayout kGruGates{3, {0, 1, 2, -1}};
 
-// B as the kernels below read it: panel p's row k (its kPanelWidth values for that k) starts at
-// base + p * panel_stride + k * k_stride. A packed copy (`data`, [panels, K, kPanelWidth]) has
-// k_stride = kPanelWidth and panel_stride = K * kPanelWidth; a row-major matrix whose columns fill
-// whole plain panels is read in place (see plain_b), with k_stride its row length.
+// B as the kernels below read it: panel p's row k (its vecs * kVecWidth values for that k) starts
+// at base + p * panel_stride + k * k_stride. A packed copy (`data`, [panels, K, vecs * kVecWidth])
+// has k_stride = vecs * kVecWidth and panel_stride = K * k_stride.
 struct PackedB {
-  at::Tensor data;  // the packed copy; undefined when B is read in place
+  at::Tensor data;  // the packed copy
   const float* base = nullptr;
   int64_t k_stride = kPanelWidth;
   int64_t panel_stride = 0;
@@ -115,6 +112,9 @@ struct PackedB {
   int64_t panels = 0;
   ColumnOrder order = ColumnOrder::kPlain;
   GateLayout layout;  // kGates only
+  // Vectors per panel: kPanelVecs, or 3 for the GRU's gate-ordered packings (read only by
+  // tile_multiply3; every other kernel takes four-vector panels).
+  int64_t vecs = kPanelVecs;
 
   const float* panel(int64_t p) const { return base + p * panel_stride; }
 };
@@ -185,39 +185,43 @@ inline void transpose_vector_block(const float* src, int64_t ld_src, float* dst,
 // Packs B given by element (k, col) = src[k * k_stride + col * col_stride]; `layout` says where
 // each gate goes in the gate order.
 inline PackedB pack_b(const float* src, int64_t k_stride, int64_t col_stride, int64_t k,
-                      int64_t cols, ColumnOrder order, const GateLayout& layout = kLstmGates) {
+                      int64_t cols, ColumnOrder order, const GateLayout& layout = kLstmGates,
+                      int64_t vecs = kPanelVecs) {
   PackedB b;
   b.k = k;
   b.cols = cols;
   b.order = order;
   b.layout = layout;
+  b.vecs = vecs;
   const int64_t width = order == ColumnOrder::kPlain ? cols : cols / layout.gates;
   const int64_t per_panel = order == ColumnOrder::kPlain ? kPanelWidth : kVecWidth;
+  const int64_t panel_width = vecs * kVecWidth;  // floats per k in a panel
   b.panels = (width + per_panel - 1) / per_panel;
-  b.data = at::empty({b.panels, k, kPanelWidth}, at::TensorOptions().dtype(at::kFloat));
+  b.data = at::empty({b.panels, k, panel_width}, at::TensorOptions().dtype(at::kFloat));
   float* dst = b.data.data_ptr<float>();
   b.base = dst;
-  b.panel_stride = k * kPanelWidth;
+  b.k_stride = panel_width;
+  b.panel_stride = k * panel_width;
   // B = W^T of a row-major W (the forward weights): each vector's columns are rows of W,
   // contiguous in k, so blocks of them are transposed with SIMD shuffles.
   const bool transposed = k_stride == 1 && col_stride != 1;
   constexpr int64_t kMinElementsPerTask = 1 << 16;
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, k * kPanelWidth));
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, k * panel_width));
   at::parallel_for(0, b.panels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      for (int64_t v = 0; v < kPanelVecs; ++v) {
+      for (int64_t v = 0; v < vecs; ++v) {
         const int64_t col0 = panel_column(b, p, v);
         const int64_t count = panel_column_count(b, p, v);
-        float* panel = dst + p * k * kPanelWidth + v * kVecWidth;
+        float* panel = dst + p * k * panel_width + v * kVecWidth;
         int64_t kk = 0;
         if (transposed && count == kVecWidth) {
           for (; kk + kVecWidth <= k; kk += kVecWidth) {
             transpose_vector_block(src + col0 * col_stride + kk, col_stride,
-                                   panel + kk * kPanelWidth, kPanelWidth);
+                                   panel + kk * panel_width, panel_width);
           }
         }
         for (; kk < k; ++kk) {
-          float* out = panel + kk * kPanelWidth;
+          float* out = panel + kk * panel_width;
           const float* in = src + kk * k_stride + col0 * col_stride;
           int64_t l = 0;
           for (; l < count; ++l) out[l] = in[l * col_stride];
@@ -229,23 +233,16 @@ inline PackedB pack_b(const float* src, int64_t k_stride, int64_t col_stride, in
   return b;
 }
 
-// B in plain column order, element (k, col) = src[k * k_stride + col * col_stride]: read in place
-// when it is row-major with whole panels (the activations and weights that weight and input
-// gradients multiply by), which saves copying it (13 MB for the input of T=100, N=64, C=512) and
-// runs as fast; packed otherwise.
+// B in plain column order, element (k, col) = src[k * k_stride + col * col_stride], packed: the
+// activations and weights that weight and input gradients multiply by. Always a packed copy: a
+// row-major B whose columns fill whole panels could be read in place (panel p's row k at
+// src + k * k_stride + p * kPanelWidth), which ran as fast on AMD Zen 4 but 2.1-2.5x slower on an
+// Intel Xeon (family 6, model 207; T=100 N=64 C=H=512: dX 131 -> 52 ms, dW_ih 128 -> 62 ms,
+// dW_hh 131 -> 59 ms with the copy), whose prefetchers do not follow a panel's 256-byte rows
+// k_stride floats apart. The copy costs O(K * Ncols), against the GEMM's O(M * K * Ncols).
 inline PackedB plain_b(const float* src, int64_t k_stride, int64_t col_stride, int64_t k,
                        int64_t cols) {
-  if (col_stride != 1 || cols % kPanelWidth != 0 || k_stride < cols) {
-    return pack_b(src, k_stride, col_stride, k, cols, ColumnOrder::kPlain);
-  }
-  PackedB b;
-  b.base = src;
-  b.k_stride = k_stride;
-  b.panel_stride = kPanelWidth;
-  b.k = k;
-  b.cols = cols;
-  b.panels = cols / kPanelWidth;
-  return b;
+  return pack_b(src, k_stride, col_stride, k, cols, ColumnOrder::kPlain);
 }
 
 // A operand: element (m, k) = ptr[m * row_stride + k * k_stride]. Row-major A has k_stride 1;
@@ -297,6 +294,44 @@ inline void tile_multiply(const OperandA& a, int64_t kc, const float* b_block, i
     acc[r][1] = sum[r][1];
     acc[r][2] = sum[r][2];
     acc[r][3] = sum[r][3];
+  }
+}
+
+// tile_multiply for three-vector panels (PackedB::vecs = 3), accumulating B's vector v into the
+// tile's vector kTarget[v]: the GRU's r, z, n products, whose n halves (input and recurrent) go to
+// different accumulators.
+template <int64_t kRows, int kT0, int kT1, int kT2>
+inline void tile_multiply3(const OperandA& a, int64_t kc, const float* b_block, int64_t b_k_stride,
+                           RawVec (&acc)[kRows][kPanelVecs]) {
+  RawVec sum[kRows][3];
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < kRows; ++r) {
+    sum[r][0] = acc[r][kT0];
+    sum[r][1] = acc[r][kT1];
+    sum[r][2] = acc[r][kT2];
+  }
+  const float* a_rows = a.ptr;
+  const int64_t row_stride = a.row_stride;
+  const int64_t k_stride = a.k_stride;
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* b_k = b_block + k * b_k_stride;
+    const RawVec b0 = raw_load(b_k);
+    const RawVec b1 = raw_load(b_k + kVecWidth);
+    const RawVec b2 = raw_load(b_k + 2 * kVecWidth);
+    const float* a_k = a_rows + k * k_stride;
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < kRows; ++r) {
+      const RawVec a_rk = raw_broadcast(a_k[r * row_stride]);
+      sum[r][0] = raw_fmadd(a_rk, b0, sum[r][0]);
+      sum[r][1] = raw_fmadd(a_rk, b1, sum[r][1]);
+      sum[r][2] = raw_fmadd(a_rk, b2, sum[r][2]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < kRows; ++r) {
+    acc[r][kT0] = sum[r][0];
+    acc[r][kT1] = sum[r][1];
+    acc[r][kT2] = sum[r][2];
   }
 }
 

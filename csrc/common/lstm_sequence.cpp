@@ -377,8 +377,7 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
   // A padded batch without projections may run its whole recurrence in one call to the backend,
   // which may also compute each step's input projection itself; the step loop further down is the
   // general case.
-  // (Zoneout runs step by step on the device's pointwise pass: no backend fuses it yet.)
-  const bool whole_recurrence_possible = !projected && !layout.packed() && !variant.zoneout;
+  const bool whole_recurrence_possible = !projected && !layout.packed();
   const bool fused_input = whole_recurrence_possible &&
                            backend.fuses_input_projection(cell, batch, x.size(1), hidden);
   // Otherwise: the input projection of all timesteps in one GEMM, the biases folded in:
@@ -426,7 +425,7 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
   if (whole_recurrence_possible) {
     const at::Tensor w_ih_c = fused_input ? w_ih.contiguous() : at::Tensor();
     void* cells_ptr = training ? cells.data_ptr() : (lstm ? c_n.data_ptr() : nullptr);
-    const ForwardRecurrenceArgs args{cell,
+    ForwardRecurrenceArgs args{cell,
                                      steps,
                                      batch,
                                      hidden,
@@ -443,6 +442,13 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
                                      output.data_ptr(),
                                      cells_ptr,
                                      peephole_c.defined() ? peephole_c.const_data_ptr() : nullptr};
+    if (variant.zoneout) {
+      args.zoneout = true;
+      args.keep_h = variant.keep_h.defined() ? variant.keep_h.const_data_ptr() : nullptr;
+      args.keep_c = variant.keep_c.defined() ? variant.keep_c.const_data_ptr() : nullptr;
+      args.keep_p = variant.keep_p;
+      args.c_new = training ? cells_new.data_ptr() : nullptr;
+    }
     whole_recurrence = backend.forward_recurrence(args);
     TORCH_INTERNAL_ASSERT(whole_recurrence || !fused_input,
                           "a backend that fuses the input projection must run the recurrence");

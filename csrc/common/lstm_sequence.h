@@ -61,6 +61,13 @@ struct ForwardRecurrenceArgs {
   // GRU: training: [T*N, H] out: W_hn h_{t-1} + b_hn; inference: null.
   void* cells;
   const void* peephole;  // LSTM variants: [3, H] (w_ci, w_cf, w_co), or null
+  // Zoneout (LSTM variants): training keep masks [T*N, H] or null with the eval keep probability
+  // keep_p; with training, c_new [T*N, H] receives c_t before zoneout.
+  bool zoneout = false;
+  const void* keep_h = nullptr;
+  const void* keep_c = nullptr;
+  double keep_p = 0;
+  void* c_new = nullptr;
 };
 
 struct BackwardRecurrenceArgs {

@@ -58,6 +58,15 @@ struct LstmForwardOutput {
   // in their first three vectors (B packed with the cell's GateLayout) and rows [N, 3H].
   const float* peephole = nullptr;
   bool coupled = false;
+  // Zoneout (cell_math.h's LstmVariantUnit does not cover it: it mixes states, not gates): keep
+  // masks [N, H] (training) or the keep probability (eval), h_{t-1} [N, H], and with training
+  // c_new [N, H], c_t before zoneout.
+  bool zoneout = false;
+  const float* keep_h = nullptr;
+  const float* keep_c = nullptr;
+  float keep_p = 0.f;
+  const float* h_prev = nullptr;
+  float* c_new = nullptr;
 
   int64_t gate_vecs() const { return coupled ? 3 : 4; }
   float* gate_ptr(int64_t row, int64_t panel, int64_t vec) const {
@@ -111,7 +120,7 @@ struct LstmForwardOutput {
   }
   template <int64_t kRows>
   void finish(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
-    if (peephole != nullptr || coupled) {
+    if (peephole != nullptr || coupled || zoneout) {
       finish_variant<kRows>(row0, panel, acc);
       return;
     }
@@ -152,10 +161,22 @@ struct LstmForwardOutput {
       const int64_t row = row0 + r;
       const GatePreActivations<FloatVec> pre{FloatVec(acc[r][0]), FloatVec(acc[r][coupled ? 0 : 1]),
                                              FloatVec(acc[r][g_vec]), FloatVec(acc[r][o_vec])};
-      const CellForwardResult<FloatVec> result = lstm_variant_forward_unit(
-          pre, load_units(c_prev + row * hidden + j, count), variant);
-      store_units(c + row * hidden + j, result.c, count);
-      store_units(h + row * hidden + j, result.h, count);
+      const int64_t unit = row * hidden + j;
+      // c may alias c_prev (inference's running state): read first.
+      const FloatVec c_prev_v = load_units(c_prev + unit, count);
+      const CellForwardResult<FloatVec> result = lstm_variant_forward_unit(pre, c_prev_v, variant);
+      FloatVec c_t = result.c, h_t = result.h;
+      if (zoneout) {
+        const FloatVec m_c = keep_c != nullptr ? load_units(keep_c + unit, count) : FloatVec(keep_p);
+        const FloatVec m_h = keep_h != nullptr ? load_units(keep_h + unit, count) : FloatVec(keep_p);
+        c_t = result.c + m_c * (c_prev_v - result.c);
+        h_t = result.h + m_h * (load_units(h_prev + unit, count) - result.h);
+        if (training) {
+          save_units(c_new + unit, result.c, count);
+        }
+      }
+      store_units(c + unit, c_t, count);
+      store_units(h + unit, h_t, count);
       if (training) {
         save_units(gate_ptr(row, panel, 0), result.gates.i, count);
         if (!coupled) {
@@ -900,7 +921,20 @@ class FusedFloatBackend final : public StepBackend {
             h_prev,
             LstmForwardOutput{step_gates, c_prev, c, output + (t * batch + r0) * hidden, hidden,
                               args.training, rows, /*stream_saved=*/true,
-                              static_cast<const float*>(args.peephole), coupled}};
+                              static_cast<const float*>(args.peephole), coupled,
+                              args.zoneout, rows_at(args.keep_h, t, batch, r0, hidden),
+                              rows_at(args.keep_c, t, batch, r0, hidden),
+                              static_cast<float>(args.keep_p), h_prev,
+                              args.training && args.zoneout
+                                  ? static_cast<float*>(args.c_new) + (t * batch + r0) * hidden
+                                  : nullptr}};
+  }
+
+  // Rows [r0, ...) of step t in a [T*N, H] buffer, or null.
+  static const float* rows_at(const void* buffer, int64_t t, int64_t batch, int64_t r0,
+                              int64_t hidden) {
+    return buffer != nullptr ? static_cast<const float*>(buffer) + (t * batch + r0) * hidden
+                             : nullptr;
   }
 
   // One tile of a GRU step: acc = bias + x_t W_ih^T (when the input projection is fused; its n

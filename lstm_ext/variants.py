@@ -19,8 +19,8 @@ the drop-in for ``torch.nn.LSTM``):
 * ``forget_bias = b``: adds b to the forget gate's rows of bias_ih at initialization.
 
 Peepholes, coupled gates and zoneout run on the fused ``lstm_ext::lstm_variant_forward`` op (its
-CPU float32 path fuses all three into the packed-GEMM epilogue of the forward recurrence; zoneout's
-backward runs step by step). Layer norm has no kernel yet: a layer with it runs
+CPU float32 path fuses all three into the packed-GEMM epilogues of the forward and backward
+recurrences). Layer norm has no kernel yet: a layer with it runs
 :func:`lstm_ext.reference.lstm_variant_layer`, plain PyTorch ops (correct and differentiable to
 any order, but at the reference's speed). The variants' ops are differentiable once (no double
 backward, vmap rule or forward mode yet).

@@ -602,8 +602,8 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
       backend.begin_projection(w_hr->contiguous());
     }
     bool whole_recurrence = false;
-    if (!projected && !layout.packed() && !variant.zoneout && (steps == 1 || output.defined())) {
-      const BackwardRecurrenceArgs args{cell,
+    if (!projected && !layout.packed() && (steps == 1 || output.defined())) {
+      BackwardRecurrenceArgs args{cell,
                                         steps,
                                         batch,
                                         hidden,
@@ -620,6 +620,13 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
                                         lstm ? d_c.data_ptr() : nullptr,
                                         peephole_c.defined() ? peephole_c.const_data_ptr()
                                                              : nullptr};
+      if (variant.zoneout) {
+        args.zoneout = true;
+        args.keep_h = variant.keep_h.defined() ? variant.keep_h.const_data_ptr() : nullptr;
+        args.keep_c = variant.keep_c.defined() ? variant.keep_c.const_data_ptr() : nullptr;
+        args.keep_p = variant.keep_p;
+        args.c_new = cells_new.const_data_ptr();
+      }
       whole_recurrence = backend.backward_recurrence(args);
     }
     // Backward visits the steps in the opposite order of the forward recurrence.

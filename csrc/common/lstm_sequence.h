@@ -88,6 +88,12 @@ struct BackwardRecurrenceArgs {
   void* d_h;             // [N, H]    in: grad_h_n; out: grad_h0
   void* d_c;             // LSTM: [N, H] in: grad_c_n; out: grad_c0
   const void* peephole;  // LSTM variants: [3, H], or null
+  // Zoneout, as ForwardRecurrenceArgs; c_new [T*N, H] is then the saved c_t before zoneout.
+  bool zoneout = false;
+  const void* keep_h = nullptr;
+  const void* keep_c = nullptr;
+  double keep_p = 0;
+  const void* c_new = nullptr;
 };
 
 // Allocates one of the loop's large buffers (saved gates and cell states, gradients of the gates).

@@ -204,9 +204,15 @@ struct LstmBackwardOutput {
   int64_t hidden;
 
   int64_t rows;  // N
-  // The LSTM variants, as LstmForwardOutput (coupled: gates and d_gates rows [N, 3H]).
+  // The LSTM variants, as LstmForwardOutput (coupled: gates and d_gates rows [N, 3H]). With
+  // zoneout `c` is c_t before zoneout, and the epilogue writes the kept share keep_h * d_h_t of the
+  // gradient into d_h for step t-1's GEMM to accumulate onto (the GEMMs then accumulate).
   const float* peephole = nullptr;
   bool coupled = false;
+  bool zoneout = false;
+  const float* keep_h = nullptr;
+  const float* keep_c = nullptr;
+  float keep_p = 0.f;
 
   int64_t gate_count() const { return coupled ? 3 : 4; }
 
@@ -250,7 +256,7 @@ struct LstmBackwardOutput {
   }
   template <int64_t kRows>
   void finish(int64_t row0, int64_t panel, RawVec (&acc)[kRows][kPanelVecs]) const {
-    if (peephole != nullptr || coupled) {
+    if (peephole != nullptr || coupled || zoneout) {
       finish_variant<kRows>(row0, panel, acc);
       return;
     }
@@ -309,9 +315,20 @@ struct LstmBackwardOutput {
         const GateActivations<FloatVec> act{i, coupled ? FloatVec(1.f) - i : load(gates_row + hidden),
                                             load(gates_row + g_at), load(gates_row + o_at)};
         const int64_t unit = row * hidden + j;
-        const FloatVec d_h_total = FloatVec(acc[r][v]) + load(d_output + unit);
-        const CellBackwardResult<FloatVec> result = lstm_variant_backward_unit(
-            act, load(c + unit), load(c_prev + unit), d_h_total, load(d_c + unit), variant);
+        FloatVec d_h_total = FloatVec(acc[r][v]) + load(d_output + unit);
+        FloatVec d_c_t = load(d_c + unit);
+        FloatVec d_c_kept(0.f);
+        if (zoneout) {
+          const FloatVec m_h = keep_h != nullptr ? load(keep_h + unit) : FloatVec(keep_p);
+          const FloatVec m_c = keep_c != nullptr ? load(keep_c + unit) : FloatVec(keep_p);
+          store(d_h.c + row * d_h.ldc + j, m_h * d_h_total);
+          d_h_total = d_h_total - m_h * d_h_total;
+          d_c_kept = m_c * d_c_t;
+          d_c_t = d_c_t - d_c_kept;
+        }
+        CellBackwardResult<FloatVec> result = lstm_variant_backward_unit(
+            act, load(c + unit), load(c_prev + unit), d_h_total, d_c_t, variant);
+        result.d_c_prev = result.d_c_prev + d_c_kept;
         float* d_gates_row = d_gates + row * width + j;
         store(d_gates_row, result.d_i);
         if (!coupled) {
@@ -757,6 +774,14 @@ class FusedFloatBackend final : public StepBackend {
     const auto* cells = static_cast<const float*>(args.cells);
     const auto* c0 = static_cast<const float*>(args.c0);
     const auto* peephole = static_cast<const float*>(args.peephole);
+    // Zoneout: c_t before zoneout (the saved cells are the kept c_t), and GEMMs that accumulate
+    // onto the kept share of the gradient each epilogue leaves in d_h.
+    const auto* cells_new = static_cast<const float*>(args.c_new);
+    const bool zoneout = args.zoneout;
+    const auto rows_of = [&](const void* buffer, int64_t t, int64_t r0) {
+      return buffer != nullptr ? static_cast<const float*>(buffer) + t * state_stride + r0 * hidden
+                               : nullptr;
+    };
     const auto* d_output = static_cast<const float*>(args.d_output);
     auto* d_gates = static_cast<float*>(args.d_gates);
     auto* d_h = static_cast<float*>(args.d_h);
@@ -779,7 +804,7 @@ class FusedFloatBackend final : public StepBackend {
             r0 * hidden;
         const LstmBackwardOutput out{d_h_out,
                                      gates + t * gate_stride + r0 * width,
-                                     cells + t * state_stride + r0 * hidden,
+                                     (zoneout ? cells_new : cells) + t * state_stride + r0 * hidden,
                                      c_prev,
                                      d_output + t * state_stride + r0 * hidden,
                                      d_c + r0 * hidden,
@@ -787,7 +812,11 @@ class FusedFloatBackend final : public StepBackend {
                                      hidden,
                                      rows,
                                      peephole,
-                                     coupled};
+                                     coupled,
+                                     zoneout,
+                                     rows_of(args.keep_h, t, r0),
+                                     rows_of(args.keep_c, t, r0),
+                                     static_cast<float>(args.keep_p)};
         if (k == 0) {
           // The gradient reaching h_t from outside the sequence is grad_h_n, already in d_h.
           for (int64_t p = share.panel_begin; p < share.panel_end; ++p) {
@@ -800,16 +829,17 @@ class FusedFloatBackend final : public StepBackend {
         } else {
           packed_gemm_panels(
               OperandA{d_gates + later_t * gate_stride + r0 * width, b.k, 1}, rows, b, out,
-              /*accumulate=*/false, share.panel_begin, share.panel_end);
+              /*accumulate=*/zoneout, share.panel_begin, share.panel_end);
         }
         later_t = t;
         if (!splits_rows(batch, team)) {
           team_barrier(team);
         }
       }
-      // grad_h0: the gradient through the first step's recurrent GEMM.
+      // grad_h0: the gradient through the first step's recurrent GEMM (with zoneout, onto the
+      // kept share).
       packed_gemm_panels(OperandA{d_gates + later_t * gate_stride + r0 * width, b.k, 1},
-                         rows, b, d_h_out, /*accumulate=*/false, share.panel_begin,
+                         rows, b, d_h_out, /*accumulate=*/zoneout, share.panel_begin,
                          share.panel_end);
     });
     return true;

@@ -1,5 +1,7 @@
 // The CPU float32 StepBackend: the recurrent GEMM of each step fused with the step's pointwise
-// pass, over W_hh packed once per call, and the large GEMMs on the same packed-B kernel.
+// pass, over W_hh packed once per call, and the large GEMMs on the same packed-B kernel. Every
+// cell has its epilogues here: the LSTM's (with the variants' options: peepholes, coupled gates,
+// zoneout) and the GRU's.
 //
 // A padded batch without projections runs each whole recurrence (forward_recurrence,
 // backward_recurrence) in one parallel region whose threads own a share of the batch rows or of

@@ -68,6 +68,38 @@ def test_float32_results_do_not_depend_on_thread_count(batch, features):
             assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(
+    lstm_ext.build_info()["cpu_capability"] == "DEFAULT",
+    reason="the DEFAULT kernel set multiplies with ATen GEMMs, whose sums follow the threads",
+)
+@pytest.mark.parametrize("make", [
+    lambda: lstm_ext.GRU(48, 80, num_layers=2, bidirectional=True),
+    lambda: lstm_ext.LSTM(48, 80, peephole=True, coupled_gates=True),
+    lambda: lstm_ext.LSTM(48, 80, zoneout=0.2),
+], ids=["gru", "peephole-coupled", "zoneout"])
+@pytest.mark.parametrize("batch", [5, 40], ids=lambda n: f"N{n}")
+def test_other_cells_float32_results_do_not_depend_on_thread_count(make, batch):
+    # As the LSTM's: the GRU's and the variants' fused paths (and the ATen sums after their loops,
+    # the peephole and b_hn gradients) give bitwise the same results on 1, 2 or 3 threads.
+    torch.manual_seed(0)
+    module = make()
+    x = torch.randn(12, batch, 48, requires_grad=True)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            torch.manual_seed(1)  # zoneout's masks
+            output = module(x)[0]
+            results.append([output, *torch.autograd.grad(output.square().sum(),
+                                                          [x, *module.parameters()])])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_dropout_masks_reproducible_under_manual_seed():
     lstm = lstm_ext.LSTM(5, 8, num_layers=3, dropout=0.5)
     x = torch.randn(6, 4, 5, requires_grad=True)

@@ -60,6 +60,12 @@ def _refuse_torch_conversion(module: torch.nn.Module, name: str) -> None:
         )
 
 
+def _with_options(torch_repr: str, variant: LstmVariant) -> str:
+    """torch's extra_repr, then the variant options that are on."""
+    options = variant.extra_repr()
+    return torch_repr + (", " + options if options else "")
+
+
 def _init_new_parameters(module: torch.nn.Module, names: list[str], hidden_size: int) -> None:
     """torch's LSTM initialization, U(-1/sqrt(H), 1/sqrt(H)), for parameters added after it."""
     bound = 1.0 / hidden_size**0.5 if hidden_size > 0 else 0.0
@@ -165,10 +171,7 @@ class LSTM(RNNBase):
         if created:
             self._init_flat_weights()
             _init_new_parameters(self, created, hidden_size)
-        reset_variant_parameters(
-            self, variant, self._variant_suffixes(), hidden_size,
-            [name for name in self._flat_weights_names if name.startswith("bias_ih")],
-        )
+        self._reset_variant_parameters()
 
     def _variant_suffixes(self) -> list[str]:
         """``_l{k}`` and ``_l{k}_reverse`` in the functional layer's order (layer, direction)."""
@@ -178,16 +181,17 @@ class LSTM(RNNBase):
     def reset_parameters(self) -> None:
         """torch's initialization, then the variant parameters' (see lstm_ext.variants)."""
         super().reset_parameters()
-        variant = getattr(self, "variant", None)  # None while RNNBase.__init__ runs
-        if variant is not None:
-            reset_variant_parameters(
-                self, variant, self._variant_suffixes(), self.hidden_size,
-                [name for name in self._flat_weights_names if name.startswith("bias_ih")],
-            )
+        if hasattr(self, "variant"):  # not yet while RNNBase.__init__ runs
+            self._reset_variant_parameters()
+
+    def _reset_variant_parameters(self) -> None:
+        bias_names = [name for name in self._flat_weights_names if name.startswith("bias_ih")]
+        reset_variant_parameters(
+            self, self.variant, self._variant_suffixes(), self.hidden_size, bias_names
+        )
 
     def extra_repr(self) -> str:
-        options = self.variant.extra_repr()
-        return super().extra_repr() + (", " + options if options else "")
+        return _with_options(super().extra_repr(), self.variant)
 
     @classmethod
     def from_torch(cls, module: torch.nn.LSTM) -> LSTM:
@@ -415,20 +419,20 @@ class LSTMCell(RNNCellBase):
             replace_weights=False,
         )
         _init_new_parameters(self, created, hidden_size)
-        reset_variant_parameters(self, variant, [""], hidden_size, ["bias_ih"] if bias else [])
+        self._reset_variant_parameters()
 
     def reset_parameters(self) -> None:
         """torch's initialization, then the variant parameters' (see lstm_ext.variants)."""
         super().reset_parameters()
-        variant = getattr(self, "variant", None)  # None while RNNCellBase.__init__ runs
-        if variant is not None:
-            reset_variant_parameters(
-                self, variant, [""], self.hidden_size, ["bias_ih"] if self.bias else []
-            )
+        if hasattr(self, "variant"):  # not yet while RNNCellBase.__init__ runs
+            self._reset_variant_parameters()
+
+    def _reset_variant_parameters(self) -> None:
+        bias_names = ["bias_ih"] if self.bias else []
+        reset_variant_parameters(self, self.variant, [""], self.hidden_size, bias_names)
 
     def extra_repr(self) -> str:
-        options = self.variant.extra_repr()
-        return super().extra_repr() + (", " + options if options else "")
+        return _with_options(super().extra_repr(), self.variant)
 
     @classmethod
     def from_torch(cls, module: torch.nn.LSTMCell) -> LSTMCell:

@@ -786,63 +786,29 @@ class FusedFloatBackend final : public StepBackend {
     };
     const auto* d_output = static_cast<const float*>(args.d_output);
     auto* d_gates = static_cast<float*>(args.d_gates);
-    auto* d_h = static_cast<float*>(args.d_h);
     auto* d_c = static_cast<float*>(args.d_c);
-    const int64_t threads = recurrence_threads(2 * batch * b.k * b.cols, batch, b.panels);
-    run_on_threads(threads, [&](int64_t thread, int64_t team) {
-      const RecurrenceShare share = recurrence_share(batch, b.panels, thread, team);
-      const int64_t r0 = share.row_begin, rows = share.rows();
-      // Every pointer below starts at the share's first row.
-      const PlainOutput d_h_out{d_h + r0 * hidden, hidden, &b};
-      const int64_t steps = args.steps;
-      int64_t later_t = -1;  // the step processed before this one (t + 1 in forward time order)
-      for (int64_t k = 0; k < steps; ++k) {
-        const int64_t forward_k = steps - 1 - k;
-        const int64_t t = step_time(forward_k, steps, args.reverse);
-        const float* c_prev =
-            (forward_k == 0
-                 ? c0
-                 : cells + step_time(forward_k - 1, steps, args.reverse) * state_stride) +
-            r0 * hidden;
-        const LstmBackwardOutput out{d_h_out,
-                                     gates + t * gate_stride + r0 * width,
-                                     (zoneout ? cells_new : cells) + t * state_stride + r0 * hidden,
-                                     c_prev,
-                                     d_output + t * state_stride + r0 * hidden,
-                                     d_c + r0 * hidden,
-                                     d_gates + t * gate_stride + r0 * width,
-                                     hidden,
-                                     rows,
-                                     peephole,
-                                     coupled,
-                                     zoneout,
-                                     rows_of(args.keep_h, t, r0),
-                                     rows_of(args.keep_c, t, r0),
-                                     static_cast<float>(args.keep_p)};
-        if (k == 0) {
-          // The gradient reaching h_t from outside the sequence is grad_h_n, already in d_h.
-          for (int64_t p = share.panel_begin; p < share.panel_end; ++p) {
-            for (int64_t row = 0; row < rows; ++row) {
-              RawVec acc[1][kPanelVecs];
-              out.load<1>(row, p, acc);
-              out.finish<1>(row, p, acc);
-            }
-          }
-        } else {
-          packed_gemm_panels(
-              OperandA{d_gates + later_t * gate_stride + r0 * width, b.k, 1}, rows, b, out,
-              /*accumulate=*/zoneout, share.panel_begin, share.panel_end);
-        }
-        later_t = t;
-        if (!splits_rows(batch, team)) {
-          team_barrier(team);
-        }
-      }
-      // grad_h0: the gradient through the first step's recurrent GEMM (with zoneout, onto the
-      // kept share).
-      packed_gemm_panels(OperandA{d_gates + later_t * gate_stride + r0 * width, b.k, 1},
-                         rows, b, d_h_out, /*accumulate=*/zoneout, share.panel_begin,
-                         share.panel_end);
+    run_backward_recurrence(args, width, /*accumulate=*/zoneout,
+                            [&](int64_t t, int64_t forward_k, int64_t r0, int64_t rows,
+                                const PlainOutput& d_h_out) {
+      const float* c_prev =
+          (forward_k == 0 ? c0
+                          : cells + step_time(forward_k - 1, args.steps, args.reverse) * state_stride) +
+          r0 * hidden;
+      return LstmBackwardOutput{d_h_out,
+                                gates + t * gate_stride + r0 * width,
+                                (zoneout ? cells_new : cells) + t * state_stride + r0 * hidden,
+                                c_prev,
+                                d_output + t * state_stride + r0 * hidden,
+                                d_c + r0 * hidden,
+                                d_gates + t * gate_stride + r0 * width,
+                                hidden,
+                                rows,
+                                peephole,
+                                coupled,
+                                zoneout,
+                                rows_of(args.keep_h, t, r0),
+                                rows_of(args.keep_c, t, r0),
+                                static_cast<float>(args.keep_p)};
     });
     return true;
   }
@@ -1060,7 +1026,6 @@ class FusedFloatBackend final : public StepBackend {
   // The GRU's whole backward recurrence, as backward_recurrence; the GEMMs accumulate onto the
   // direct parts the epilogues leave in d_h.
   void gru_backward_recurrence(const BackwardRecurrenceArgs& args) {
-    const PackedB& b = packed_w_hh_;
     const int64_t batch = args.batch, hidden = args.hidden;
     const int64_t gate_stride = batch * 3 * hidden, state_stride = batch * hidden;
     const auto* gates = static_cast<const float*>(args.gates);
@@ -1070,53 +1035,70 @@ class FusedFloatBackend final : public StepBackend {
     const auto* d_output = static_cast<const float*>(args.d_output);
     auto* d_gates = static_cast<float*>(args.d_gates);
     auto* d_input_n = static_cast<float*>(args.d_input_n);
+    run_backward_recurrence(args, 3 * hidden, /*accumulate=*/true,
+                            [&](int64_t t, int64_t forward_k, int64_t r0, int64_t /*rows*/,
+                                const PlainOutput& d_h_out) {
+      const float* h_prev =
+          (forward_k == 0 ? h0
+                          : output + step_time(forward_k - 1, args.steps, args.reverse) * state_stride) +
+          r0 * hidden;
+      return GruBackwardOutput{d_h_out,
+                               gates + t * gate_stride + r0 * 3 * hidden,
+                               hidden_n + t * state_stride + r0 * hidden,
+                               h_prev,
+                               d_output + t * state_stride + r0 * hidden,
+                               d_gates + t * gate_stride + r0 * 3 * hidden,
+                               d_input_n + t * state_stride + r0 * hidden,
+                               hidden};
+    });
+  }
+
+  // The driver of a whole backward recurrence, for any cell: threads and their shares as in
+  // backward_recurrence, the steps in backward order. make_output(t, forward_k, r0, rows, d_h_out)
+  // gives step t's epilogue for the share starting at row r0; each step's recurrent GEMM (d_h from
+  // the d_gates [rows, width] of the step processed before) ends in it, and a last GEMM gives
+  // grad_h0. With `accumulate` the GEMMs add onto what the epilogues left in d_h (the GRU's and
+  // zoneout's direct part of h_{t-1}'s gradient).
+  template <typename MakeOutput>
+  void run_backward_recurrence(const BackwardRecurrenceArgs& args, int64_t width, bool accumulate,
+                               const MakeOutput& make_output) {
+    const PackedB& b = packed_w_hh_;
+    const int64_t batch = args.batch, hidden = args.hidden, steps = args.steps;
+    const int64_t gate_stride = batch * width;
+    const auto* d_gates = static_cast<const float*>(args.d_gates);
     auto* d_h = static_cast<float*>(args.d_h);
     const int64_t threads = recurrence_threads(2 * batch * b.k * b.cols, batch, b.panels);
     run_on_threads(threads, [&](int64_t thread, int64_t team) {
       const RecurrenceShare share = recurrence_share(batch, b.panels, thread, team);
       const int64_t r0 = share.row_begin, rows = share.rows();
+      // Every pointer below starts at the share's first row.
       const PlainOutput d_h_out{d_h + r0 * hidden, hidden, &b};
-      const int64_t steps = args.steps;
       int64_t later_t = -1;  // the step processed before this one (t + 1 in forward time order)
       for (int64_t k = 0; k < steps; ++k) {
         const int64_t forward_k = steps - 1 - k;
         const int64_t t = step_time(forward_k, steps, args.reverse);
-        const float* h_prev =
-            (forward_k == 0
-                 ? h0
-                 : output + step_time(forward_k - 1, steps, args.reverse) * state_stride) +
-            r0 * hidden;
-        const GruBackwardOutput out{d_h_out,
-                                    gates + t * gate_stride + r0 * 3 * hidden,
-                                    hidden_n + t * state_stride + r0 * hidden,
-                                    h_prev,
-                                    d_output + t * state_stride + r0 * hidden,
-                                    d_gates + t * gate_stride + r0 * 3 * hidden,
-                                    d_input_n + t * state_stride + r0 * hidden,
-                                    hidden};
+        const auto out = make_output(t, forward_k, r0, rows, d_h_out);
         if (k == 0) {
           // The gradient reaching h_t from outside the sequence is grad_h_n, already in d_h.
           for (int64_t p = share.panel_begin; p < share.panel_end; ++p) {
             for (int64_t row = 0; row < rows; ++row) {
               RawVec acc[1][kPanelVecs];
-              out.load<1>(row, p, acc);
-              out.finish<1>(row, p, acc);
+              out.template load<1>(row, p, acc);
+              out.template finish<1>(row, p, acc);
             }
           }
         } else {
-          packed_gemm_panels(
-              OperandA{d_gates + later_t * gate_stride + r0 * 3 * hidden, b.k, 1}, rows, b, out,
-              /*accumulate=*/true, share.panel_begin, share.panel_end);
+          packed_gemm_panels(OperandA{d_gates + later_t * gate_stride + r0 * width, b.k, 1}, rows,
+                             b, out, accumulate, share.panel_begin, share.panel_end);
         }
         later_t = t;
         if (!splits_rows(batch, team)) {
           team_barrier(team);
         }
       }
-      // grad_h0: the first step's direct part, plus the gradient through its GEMM.
-      packed_gemm_panels(OperandA{d_gates + later_t * gate_stride + r0 * 3 * hidden, b.k, 1},
-                         rows, b, d_h_out, /*accumulate=*/true, share.panel_begin,
-                         share.panel_end);
+      // grad_h0: the gradient through the first step's recurrent GEMM (accumulated as above).
+      packed_gemm_panels(OperandA{d_gates + later_t * gate_stride + r0 * width, b.k, 1}, rows, b,
+                         d_h_out, accumulate, share.panel_begin, share.panel_end);
     });
   }
 

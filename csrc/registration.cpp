@@ -60,6 +60,34 @@ TORCH_LIBRARY(lstm_ext, m) {
       "(Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr, Tensor grad_peephole)");
 
+  // The layer-norm LSTM (Ba et al. 2016, haste's LayerNormLSTM), with the options of
+  // lstm_variant_forward but projections. Its input is the input's share of the pre-activations,
+  // input_part [T, N, G*H] (packed [rows, G*H]; G = 4, or 3 with coupled gates) =
+  // LN(x W_ih^T) gain_ih + b_ih + b_hh, computed by the caller for all steps at once. Each step
+  // adds LN(h_{t-1} W_hh^T) weight_hh [G*H], and h_t = o * tanh(LN(c_t) weight_c + bias_c)
+  // (both [H]); LN has eps 1e-5 and no bias of its own on the recurrent product. The outputs
+  // are lstm_variant_forward's, then when training the normalized recurrent products
+  // [T, N, G*H], the normalized c_t [T, N, H] and each row's reciprocal standard deviations of
+  // the two [T, N, 2] (empty otherwise).
+  m.def(
+      "lstm_layernorm_forward(Tensor input_part, Tensor h0, Tensor c0, Tensor w_hh, "
+      "Tensor weight_hh, Tensor weight_c, Tensor bias_c, Tensor? peephole, bool coupled_gates, "
+      "bool reverse, bool training, Tensor? batch_sizes=None, Tensor? zoneout_h=None, "
+      "Tensor? zoneout_c=None, float zoneout=0.0) -> (Tensor output, Tensor h_n, Tensor c_n, "
+      "Tensor saved_gates, Tensor saved_cells, Tensor saved_hidden, Tensor saved_norm_hh, "
+      "Tensor saved_norm_c, Tensor saved_rstd)");
+  // Its gradients; grad_input_part is that of the input's share (which autograd takes on through
+  // the caller's layer_norm and GEMM); grad_peephole is empty without peepholes.
+  m.def(
+      "_lstm_layernorm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor h0, "
+      "Tensor c0, Tensor w_hh, Tensor weight_hh, Tensor weight_c, Tensor bias_c, "
+      "Tensor? peephole, bool coupled_gates, Tensor output, Tensor saved_gates, "
+      "Tensor saved_cells, Tensor? saved_hidden, Tensor saved_norm_hh, Tensor saved_norm_c, "
+      "Tensor saved_rstd, bool reverse, Tensor? batch_sizes=None, Tensor? zoneout_h=None, "
+      "Tensor? zoneout_c=None, float zoneout=0.0) -> (Tensor grad_input_part, Tensor grad_h0, "
+      "Tensor grad_c0, Tensor grad_w_hh, Tensor grad_weight_hh, Tensor grad_weight_c, "
+      "Tensor grad_bias_c, Tensor grad_peephole)");
+
   // The GRU, as torch.nn.GRU stores it: w_ih [3H, C], w_hh [3H, H], b_ih/b_hh [3H], gate order
   // r, z, n. One layer, one direction: input [T, N, C] (or packed, as lstm_forward), h0 [N, H] ->
   // output [T, N, H], h_n [N, H], and when training the activated gates [T, N, 3H] and

@@ -26,16 +26,19 @@ __all__ = [
     "GruLayerFunction",
     "LstmCellFunction",
     "LstmLayerFunction",
+    "LstmLayerNormLayerFunction",
     "LstmVariantLayerFunction",
     "apply_gru_cell",
     "apply_gru_layer",
     "apply_lstm_cell",
     "apply_lstm_layer",
+    "apply_lstm_layernorm_layer",
     "apply_lstm_variant_layer",
     "gru_cell_forward",
     "gru_forward",
     "lstm_cell_forward",
     "lstm_forward",
+    "lstm_layernorm_forward",
     "lstm_variant_forward",
 ]
 
@@ -1257,5 +1260,200 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "lstm_ext::_lstm_variant_backward",
     _refuse_raw_backward_differentiation("_lstm_variant_backward"),
+    setup_context=_no_context,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer-norm LSTM's op: wrapper, fake kernels and first-order autograd, as the variants'.
+
+
+def lstm_layernorm_forward(
+    input_part: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    weight_hh: Tensor,
+    weight_c: Tensor,
+    bias_c: Tensor,
+    peephole: Tensor | None,
+    coupled_gates: bool,
+    reverse: bool = False,
+    training: bool = False,
+    batch_sizes: Tensor | None = None,
+    zoneout_h: Tensor | None = None,
+    zoneout_c: Tensor | None = None,
+    zoneout: float = 0.0,
+) -> tuple[Tensor, ...]:
+    """The recurrence of one layer-norm LSTM layer (Ba et al. 2016, haste's LayerNormLSTM).
+
+    Args:
+        input_part: the input's share of the pre-activations, ``[T, N, G*H]`` (packed
+            ``[rows, G*H]``; G = 4, or 3 with coupled_gates):
+            ``layer_norm(x W_ih^T, weight=gain_ih) + b_ih + b_hh``, computed for all steps at
+            once by the caller.
+        weight_hh: ``[G*H]`` the gain of each step's ``layer_norm(h_{t-1} W_hh^T)`` (no bias).
+        weight_c, bias_c: ``[H]`` of ``layer_norm(c_t)`` in ``h_t = o * tanh(...)``.
+        The rest: as :func:`lstm_variant_forward` (no projections).
+
+    Returns:
+        (output, h_n, c_n, saved_gates, saved_cells, saved_hidden, saved_norm_hh, saved_norm_c,
+        saved_rstd); the saved tensors are empty unless training.
+    """
+    return torch.ops.lstm_ext.lstm_layernorm_forward.default(
+        input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, coupled_gates, reverse,
+        training, batch_sizes, zoneout_h, zoneout_c, zoneout,
+    )
+
+
+@torch.library.register_fake("lstm_ext::lstm_layernorm_forward")
+def _lstm_layernorm_forward_fake(
+    input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, coupled_gates, reverse,
+    training, batch_sizes=None, zoneout_h=None, zoneout_c=None, zoneout=0.0,
+):
+    hidden = c0.shape[1]
+    steps = input_part.shape[:-1]
+    output = input_part.new_empty(*steps, hidden)
+    h_n = input_part.new_empty(h0.shape[0], hidden)
+    c_n = input_part.new_empty(h0.shape[0], hidden)
+    if not training:
+        return (output, h_n, c_n, *(input_part.new_empty(0) for _ in range(6)))
+    zoned = zoneout_h is not None or zoneout > 0
+    return (
+        output, h_n, c_n, input_part.new_empty(input_part.shape),
+        input_part.new_empty(*steps, hidden),
+        input_part.new_empty(*steps, hidden) if zoned else input_part.new_empty(0),
+        input_part.new_empty(input_part.shape), input_part.new_empty(*steps, hidden),
+        input_part.new_empty(*steps, 2),
+    )
+
+
+@torch.library.register_fake("lstm_ext::_lstm_layernorm_backward")
+def _lstm_layernorm_backward_fake(
+    grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole,
+    coupled_gates, output, saved_gates, saved_cells, saved_hidden, saved_norm_hh, saved_norm_c,
+    saved_rstd, reverse, batch_sizes=None, zoneout_h=None, zoneout_c=None, zoneout=0.0,
+):
+    return (
+        saved_gates.new_empty(saved_gates.shape),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape),
+        w_hh.new_empty(w_hh.shape),
+        weight_hh.new_empty(weight_hh.shape),
+        weight_c.new_empty(weight_c.shape),
+        bias_c.new_empty(bias_c.shape),
+        peephole.new_empty(peephole.shape) if peephole is not None else w_hh.new_empty(0),
+    )
+
+
+# (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole); peephole may be None
+_LayerNormInputs = tuple
+# (coupled_gates, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout)
+_LayerNormConfig = tuple
+
+
+def _save_layernorm_layer(
+    ctx: Any, inputs: _LayerNormInputs, config: _LayerNormConfig, output: tuple
+) -> None:
+    coupled, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout = config
+    out, _h_n, _c_n, *saved = output
+    # The backward needs input_part itself only to recompute a forward run with training=False
+    # (which saved nothing); otherwise keeping it would hold a [T, N, G*H] tensor for nothing.
+    recompute_from = inputs[0] if saved[0].numel() == 0 and out.numel() > 0 else None
+    ctx.save_for_backward(recompute_from, *inputs[1:], batch_sizes, zoneout_h, zoneout_c, out,
+                          *saved)
+    ctx.coupled, ctx.reverse, ctx.zoneout = coupled, reverse, zoneout
+    ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)
+
+
+@_first_order_only("the layer-norm LSTM")
+def _layernorm_layer_gradients(
+    ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """The gradients of one layer-norm layer, in _LayerNormInputs' order."""
+    (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, batch_sizes, zoneout_h,
+     zoneout_c, out, *saved) = ctx.saved_tensors
+    if input_part is not None:
+        # Called with training=False yet differentiated: recompute (see _layer_gradients).
+        out, _, _, *saved = lstm_layernorm_forward(
+            input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, ctx.coupled,
+            ctx.reverse, True, batch_sizes, zoneout_h, zoneout_c, ctx.zoneout,
+        )
+    grads = torch.ops.lstm_ext._lstm_layernorm_backward.default(
+        _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, h0),
+        _zeros_if_none(grad_c_n, c0), h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole,
+        ctx.coupled, out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+        ctx.reverse, batch_sizes, zoneout_h, zoneout_c, ctx.zoneout,
+    )
+    *first, grad_peephole = grads
+    return (*first, grad_peephole if peephole is not None else None)
+
+
+class LstmLayerNormLayerFunction(torch.autograd.Function):
+    """One layer-norm LSTM layer's recurrence in one direction (``lstm_layernorm_forward`` with
+    training=True).
+
+    ``LstmLayerNormLayerFunction.apply(input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c,
+    peephole, coupled_gates, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout)`` returns its
+    nine outputs; differentiable once.
+    """
+
+    @staticmethod
+    def forward(input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, coupled_gates,
+                batch_sizes, reverse, zoneout_h, zoneout_c, zoneout):
+        return lstm_layernorm_forward(
+            input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, coupled_gates,
+            reverse, True, batch_sizes, zoneout_h, zoneout_c, zoneout,
+        )
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        _save_layernorm_layer(ctx, tuple(inputs[:8]), tuple(inputs[8:]), output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output, grad_h_n, grad_c_n, *_saved) -> tuple:
+        grads = _layernorm_layer_gradients(ctx, grad_output, grad_h_n, grad_c_n)
+        return (*grads, None, None, None, None, None, None)
+
+
+def apply_lstm_layernorm_layer(
+    input_part: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, weight_hh: Tensor,
+    weight_c: Tensor, bias_c: Tensor, peephole: Tensor | None, coupled_gates: bool,
+    batch_sizes: Tensor | None, reverse: bool, zoneout_h: Tensor | None = None,
+    zoneout_c: Tensor | None = None, zoneout: float = 0.0,
+) -> tuple[Tensor, ...]:
+    """:class:`LstmLayerNormLayerFunction` applied."""
+    return LstmLayerNormLayerFunction.apply(
+        input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, coupled_gates,
+        batch_sizes, reverse, zoneout_h, zoneout_c, zoneout,
+    )
+
+
+def _lstm_layernorm_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, coupled, reverse,
+     _training, *rest) = inputs
+    batch_sizes, zoneout_h, zoneout_c, zoneout = (list(rest) + [None] * 3 + [0.0])[:4]
+    _save_layernorm_layer(
+        ctx, (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole),
+        (coupled, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout), output,
+    )
+
+
+def _lstm_layernorm_forward_backward(ctx: Any, grad_output, grad_h_n, grad_c_n, *_saved) -> tuple:
+    grads = _layernorm_layer_gradients(ctx, grad_output, grad_h_n, grad_c_n)
+    # In the op's argument order: ..., peephole, coupled_gates, reverse, training, batch_sizes,
+    # zoneout_h, zoneout_c, zoneout.
+    return (*grads, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "lstm_ext::lstm_layernorm_forward",
+    _lstm_layernorm_forward_backward,
+    setup_context=_lstm_layernorm_forward_setup_context,
+)
+torch.library.register_autograd(
+    "lstm_ext::_lstm_layernorm_backward",
+    _refuse_raw_backward_differentiation("_lstm_layernorm_backward"),
     setup_context=_no_context,
 )

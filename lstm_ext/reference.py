@@ -296,7 +296,7 @@ def gru(
 
 
 # torch.nn.functional.layer_norm's default.
-_LAYER_NORM_EPS = 1e-5
+LAYER_NORM_EPS = 1e-5
 
 
 def zoneout_masks(
@@ -428,7 +428,7 @@ def _variant_input_part(
     """
     part = input @ w_ih.t()
     if layer_norm is not None:
-        part = F.layer_norm(part, part.shape[-1:], layer_norm["weight_ih"], eps=_LAYER_NORM_EPS)
+        part = F.layer_norm(part, part.shape[-1:], layer_norm["weight_ih"], eps=LAYER_NORM_EPS)
     if b_ih is not None:
         part = part + (b_ih + b_hh)
     return part
@@ -453,7 +453,7 @@ def _variant_step(
     hidden_part = h_prev @ w_hh.t()
     if layer_norm is not None:
         hidden_part = F.layer_norm(
-            hidden_part, hidden_part.shape[-1:], layer_norm["weight_hh"], eps=_LAYER_NORM_EPS
+            hidden_part, hidden_part.shape[-1:], layer_norm["weight_hh"], eps=LAYER_NORM_EPS
         )
     gates = input_part + hidden_part
     if coupled_gates:
@@ -473,7 +473,7 @@ def _variant_step(
         o = o + w_co * c
     if layer_norm is not None:
         c_out = F.layer_norm(
-            c, c.shape[-1:], layer_norm["weight_c"], layer_norm["bias_c"], eps=_LAYER_NORM_EPS
+            c, c.shape[-1:], layer_norm["weight_c"], layer_norm["bias_c"], eps=LAYER_NORM_EPS
         )
     else:
         c_out = c

@@ -20,10 +20,11 @@ the drop-in for ``torch.nn.LSTM``):
 
 Peepholes, coupled gates and zoneout run on the fused ``lstm_ext::lstm_variant_forward`` op (its
 CPU float32 path fuses all three into the packed-GEMM epilogues of the forward and backward
-recurrences). Layer norm has no kernel yet: a layer with it runs
-:func:`lstm_ext.reference.lstm_variant_layer`, plain PyTorch ops (correct and differentiable to
-any order, but at the reference's speed). The variants' ops are differentiable once (no double
-backward, vmap rule or forward mode yet).
+recurrences). A layer with layer norm computes the input's share of its pre-activations for all
+steps in plain ops (one GEMM, one layer_norm) and runs the recurrence on the fused
+``lstm_ext::lstm_layernorm_forward`` op, whose steps are an ATen GEMM and one pointwise pass per
+row (CPU SIMD, one CUDA block per row) that normalizes the recurrent product and c_t in place.
+The variants' ops are differentiable once (no double backward, vmap rule or forward mode yet).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lstm_ext import ops, reference
@@ -145,16 +147,6 @@ def run_variant_layer(
     ``needs_grad``: whether autograd records the call.
     """
     peephole = extras.get("peephole")
-    if variant.layer_norm:
-        layer_norm = {
-            key: extras["layer_norm_" + key]
-            for key in ("weight_ih", "weight_hh", "weight_c", "bias_c")
-        }
-        return reference.lstm_variant_layer(
-            input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, w_hr=w_hr,
-            batch_sizes=batch_sizes, peephole=peephole, coupled_gates=variant.coupled_gates,
-            layer_norm=layer_norm, zoneout=variant.zoneout, training=train,
-        )
     zoneout_h = zoneout_c = None
     zoneout = variant.zoneout
     if train and zoneout > 0:
@@ -167,6 +159,30 @@ def run_variant_layer(
             zoneout_h = zoneout_h.view(*input.shape[:2], -1)
             zoneout_c = zoneout_c.view(*input.shape[:2], -1)
         zoneout = 0.0
+    if variant.layer_norm:
+        # The input's share of every step at once, in plain ops that autograd differentiates:
+        # one GEMM and one layer_norm over [rows, G*H]; the recurrence runs on the fused op. The
+        # gain multiplies apart from layer_norm: ATen's layer_norm backward sums the gain's
+        # gradient over rows in chunks that follow the thread count, while this product's
+        # gradient is an ATen sum over dim 0, which gives the same bits on any thread count.
+        input_part = F.layer_norm(
+            input @ w_ih.t(), (w_ih.shape[0],), eps=reference.LAYER_NORM_EPS
+        ) * extras["layer_norm_weight_ih"]
+        if b_ih is not None:
+            input_part = input_part + (b_ih + b_hh)
+        ln_args = (extras["layer_norm_weight_hh"], extras["layer_norm_weight_c"],
+                   extras["layer_norm_bias_c"], peephole, variant.coupled_gates)
+        if needs_grad:
+            out, h, c, *_ = ops.apply_lstm_layernorm_layer(
+                input_part, h0, c0, w_hh, *ln_args, batch_sizes, reverse, zoneout_h, zoneout_c,
+                zoneout,
+            )
+        else:
+            out, h, c, *_ = ops.lstm_layernorm_forward(
+                input_part, h0, c0, w_hh, *ln_args, reverse, False, batch_sizes, zoneout_h,
+                zoneout_c, zoneout,
+            )
+        return out, h, c
     if needs_grad:
         out, h, c, *_ = ops.apply_lstm_variant_layer(
             input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr, variant.coupled_gates,

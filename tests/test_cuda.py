@@ -656,3 +656,101 @@ def test_vmap_and_per_sample_gradients_on_cuda_match_cpu(no_tf32):
     with torch.no_grad():
         out = torch.func.vmap(lambda x: gpu(x)[0])(xs.cuda())
         _assert_close(out.cpu(), torch.func.vmap(lambda x: cpu(x)[0])(xs), torch.float64, "vmap")
+
+
+# ----------------------------------------------------------------------------------------------
+# The other cells on CUDA: the GRU and every LSTM variant (their kernels share the loop; the
+# layer-norm step runs one block per row with block-wide sums), against lstm_ext on the CPU.
+
+OTHER_CELLS = {
+    "gru-2layers-bidir": lambda dtype: lstm_ext.GRU(5, 33, 2, bidirectional=True, dtype=dtype),
+    "peephole-coupled": lambda dtype: lstm_ext.LSTM(5, 33, peephole=True, coupled_gates=True,
+                                                    dtype=dtype),
+    "zoneout": lambda dtype: lstm_ext.LSTM(5, 33, 2, zoneout=0.3, dtype=dtype),
+    "layer_norm-bidir": lambda dtype: lstm_ext.LSTM(5, 33, bidirectional=True, layer_norm=True,
+                                                    dtype=dtype),
+    # H = 300: the layer-norm kernels' threads each take more than one unit of a row.
+    "layer_norm-all-H300": lambda dtype: lstm_ext.LSTM(
+        5, 300, peephole=True, coupled_gates=True, layer_norm=True, zoneout=0.2, dtype=dtype),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("make", OTHER_CELLS.values(), ids=OTHER_CELLS.keys())
+def test_other_cells_cuda_match_lstm_ext_cpu(no_tf32, make, packed, dtype):
+    torch.manual_seed(0)
+    cpu = make(dtype)
+    if getattr(cpu, "variant", None) is not None and cpu.variant.zoneout > 0:
+        # Training draws zoneout's masks from the input's device's generator, so the CPU and the
+        # GPU would draw different ones: compare eval's expectation here, and the masks' path
+        # through the op below.
+        cpu.eval()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(6, 4, 5, dtype=dtype)
+    lengths = [6, 3, 5, 1]
+
+    def run(module, device):
+        leaf = x.to(device).requires_grad_()
+        given = (torch.nn.utils.rnn.pack_padded_sequence(leaf, lengths, enforce_sorted=False)
+                 if packed else leaf)
+        output, state = module(given)
+        output = output.data if packed else output
+        states = state if isinstance(state, tuple) else (state,)
+        loss = sum((t * torch.linspace(-1, 1, t.numel(), device=device, dtype=dtype).view_as(t))
+                   .sum() for t in (output, *states))
+        return [output, *states, *torch.autograd.grad(loss, [leaf, *module.parameters()])]
+
+    names = ["output", "state", "state2", "input"] + [n for n, _ in cpu.named_parameters()]
+    for name, a, e in zip(names, run(gpu, "cuda"), run(cpu, "cpu")):
+        tolerance = TOLERANCES[dtype] if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+        torch.testing.assert_close(a.cpu(), e, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck_lstm_layernorm_ops_cuda(training):
+    hidden, gates = 6, 24
+    dev = {"device": "cuda", "dtype": torch.float64}
+    input_part = torch.randn(4, 3, gates, **dev)
+    args = (input_part, torch.randn(3, hidden, **dev), torch.randn(3, hidden, **dev),
+            torch.randn(gates, hidden, **dev), torch.rand(gates, **dev) + 0.5,
+            torch.rand(hidden, **dev) + 0.5, torch.randn(hidden, **dev),
+            torch.randn(3, hidden, **dev), False, False, training, None, None, None, 0.2)
+    torch.library.opcheck(torch.ops.lstm_ext.lstm_layernorm_forward.default, args)
+    if training:
+        out, h_n, c_n, *saved = ops.lstm_layernorm_forward(*args)
+        torch.library.opcheck(
+            torch.ops.lstm_ext._lstm_layernorm_backward.default,
+            (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), *args[1:9],
+             out, *saved, False, None, None, None, 0.2),
+        )
+
+
+@needs_gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_layernorm_op_with_zoneout_masks_cuda_matches_cpu(packed):
+    torch.manual_seed(0)
+    hidden, gates, batch = 40, 120, 3  # coupled gates: 3H
+    f64 = torch.float64
+    batch_sizes = torch.tensor([3, 3, 2, 1]) if packed else None
+    rows = 9 if packed else 12
+    shape = (rows,) if packed else (4, batch)
+    mask_h, mask_c = reference.zoneout_masks(rows, hidden, 0.3, dtype=f64)
+    tensors = [torch.randn(*shape, gates, dtype=f64), torch.randn(batch, hidden, dtype=f64),
+               torch.randn(batch, hidden, dtype=f64), torch.randn(gates, hidden, dtype=f64) / 6,
+               torch.rand(gates, dtype=f64) + 0.5, torch.rand(hidden, dtype=f64) + 0.5,
+               torch.randn(hidden, dtype=f64), torch.randn(3, hidden, dtype=f64),
+               mask_h.view(*shape, hidden), mask_c.view(*shape, hidden)]
+
+    def run(device):
+        t = [a.to(device).requires_grad_(i < 8) for i, a in enumerate(tensors)]
+        out, h, c, *_ = ops.apply_lstm_layernorm_layer(
+            *t[:8], True, None if batch_sizes is None else batch_sizes, False, t[8], t[9], 0.0)
+        loss = out.square().sum() + h.sum() + c.square().sum()
+        return [out, h, c, *torch.autograd.grad(loss, t[:8])]
+
+    for index, (a, e) in enumerate(zip(run("cuda"), run("cpu"))):
+        torch.testing.assert_close(a.cpu(), e, **TOLERANCES[f64],
+                                   msg=lambda m, i=index: f"output/gradient {i}: {m}")

@@ -76,7 +76,8 @@ def test_float32_results_do_not_depend_on_thread_count(batch, features):
     lambda: lstm_ext.GRU(48, 80, num_layers=2, bidirectional=True),
     lambda: lstm_ext.LSTM(48, 80, peephole=True, coupled_gates=True),
     lambda: lstm_ext.LSTM(48, 80, zoneout=0.2),
-], ids=["gru", "peephole-coupled", "zoneout"])
+    lambda: lstm_ext.LSTM(48, 80, 2, bidirectional=True, layer_norm=True, peephole=True),
+], ids=["gru", "peephole-coupled", "zoneout", "layer_norm"])
 @pytest.mark.parametrize("batch", [5, 40], ids=lambda n: f"N{n}")
 def test_other_cells_float32_results_do_not_depend_on_thread_count(make, batch):
     # As the LSTM's: the GRU's and the variants' fused paths (and the ATen sums after their loops,

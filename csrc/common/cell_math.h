@@ -111,9 +111,10 @@ struct LstmVariantUnit {
   V w_ci, w_cf, w_co;
 };
 
-// With coupled gates `pre.f` is not read; the result's gates.f is 1 − i all the same.
+// The gates and c_t of one unit (r.h not set): what every variant computes before h_t. With
+// coupled gates `pre.f` is not read; the result's gates.f is 1 − i all the same.
 template <typename V>
-LSTM_HOST_DEVICE inline CellForwardResult<V> lstm_variant_forward_unit(
+LSTM_HOST_DEVICE inline CellForwardResult<V> lstm_variant_state_unit(
     const GatePreActivations<V>& pre, V c_prev, const LstmVariantUnit<V>& variant) {
   using Act = Activations<V>;
   const V one(1);
@@ -125,22 +126,30 @@ LSTM_HOST_DEVICE inline CellForwardResult<V> lstm_variant_forward_unit(
   r.gates.g = Act::tanh(pre.g);
   r.c = r.gates.f * c_prev + r.gates.i * r.gates.g;
   r.gates.o = Act::sigmoid(variant.peephole ? pre.o + variant.w_co * r.c : pre.o);
-  r.h = r.gates.o * Act::tanh(r.c);
+  return r;
+}
+
+template <typename V>
+LSTM_HOST_DEVICE inline CellForwardResult<V> lstm_variant_forward_unit(
+    const GatePreActivations<V>& pre, V c_prev, const LstmVariantUnit<V>& variant) {
+  CellForwardResult<V> r = lstm_variant_state_unit(pre, c_prev, variant);
+  r.h = r.gates.o * Activations<V>::tanh(r.c);
   return r;
 }
 
 // The mirror of lstm_variant_forward_unit (a.f = 1 − a.i with coupled gates; d_f is then 0). The
 // peephole weights' own gradients are sums over the batch and time of d_i c_{t−1}, d_f c_{t−1} and
 // d_o c_t, which the time loop forms after the recurrence.
+//
+// lstm_variant_gate_gradients is its second half, from the gradient of the output gate's
+// pre-activation d_o and d_c_total, everything that reaches c_t except through o's peephole (the
+// layer-norm step computes both its own way).
 template <typename V>
-LSTM_HOST_DEVICE inline CellBackwardResult<V> lstm_variant_backward_unit(
-    const GateActivations<V>& a, V c, V c_prev, V d_h, V d_c, const LstmVariantUnit<V>& variant) {
-  using Act = Activations<V>;
+LSTM_HOST_DEVICE inline CellBackwardResult<V> lstm_variant_gate_gradients(
+    const GateActivations<V>& a, V c_prev, V d_o, V d_c_total, const LstmVariantUnit<V>& variant) {
   const V one(1);
-  const V tanh_c = Act::tanh(c);
   CellBackwardResult<V> r;
-  r.d_o = d_h * tanh_c * a.o * (one - a.o);
-  V d_c_total = d_c + d_h * a.o * (one - tanh_c * tanh_c);
+  r.d_o = d_o;
   if (variant.peephole) {
     d_c_total = d_c_total + r.d_o * variant.w_co;  // o reads c_t
   }
@@ -161,6 +170,36 @@ LSTM_HOST_DEVICE inline CellBackwardResult<V> lstm_variant_backward_unit(
     }
   }
   return r;
+}
+
+template <typename V>
+LSTM_HOST_DEVICE inline CellBackwardResult<V> lstm_variant_backward_unit(
+    const GateActivations<V>& a, V c, V c_prev, V d_h, V d_c, const LstmVariantUnit<V>& variant) {
+  const V one(1);
+  const V tanh_c = Activations<V>::tanh(c);
+  return lstm_variant_gate_gradients(a, c_prev, d_h * tanh_c * a.o * (one - a.o),
+                                     d_c + d_h * a.o * (one - tanh_c * tanh_c), variant);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The layer-norm LSTM (Ba et al. 2016; haste's LayerNormLSTM), with any of the options above:
+//   pre = LN(x W_ih^T) γ_ih + b_ih + b_hh + LN(h_{t−1} W_hh^T) γ_hh   (each LN over the row's G*H)
+//   gates and c_t as lstm_variant_state_unit,  h_t = o tanh(LN(c_t) γ_c + β_c)   (LN over H)
+// LN(x) = (x − mean) rstd with rstd = 1 / sqrt(var + eps), var the biased variance of the row.
+// The input's share is a plain layer_norm over all steps at once (the caller's); the recurrent
+// one and c_t's are per step, and each needs its whole row's mean and variance before any unit
+// can go on, so a step is three passes over a row: reduce, unit math, reduce, finish. These are
+// the per-unit parts, between the reductions.
+
+// torch.nn.functional.layer_norm's default.
+constexpr double kLayerNormEps = 1e-5;
+
+// Backward of y = LN(x) γ for one row, given d_ŷ = d_y γ per element and the row's means of d_ŷ
+// and d_ŷ x̂: d_x = rstd (d_ŷ − mean(d_ŷ) − x̂ mean(d_ŷ x̂)).
+template <typename V>
+LSTM_HOST_DEVICE inline V layer_norm_input_gradient(V d_normalized, V normalized, V rstd,
+                                                    V mean_d, V mean_d_normalized) {
+  return rstd * (d_normalized - mean_d - normalized * mean_d_normalized);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -90,6 +90,20 @@ void StepBackend::zoneout_forward_step(const at::Tensor& h_prev, at::Tensor& gat
   kernels_.forward_step(args, gates.scalar_type());
 }
 
+void StepBackend::recurrent_product(const at::Tensor& h_prev, at::Tensor& out) {
+  at::mm_out(out, h_prev, w_hh_.t());
+}
+
+void StepBackend::layer_norm_forward_step(const at::Tensor& h_prev, at::Tensor& recurrent,
+                                          ForwardStepArgs& args) {
+  recurrent_product(h_prev, recurrent);
+  if (recurrent.size(0) == 0) {
+    return;
+  }
+  args.ln.recurrent = recurrent.const_data_ptr();
+  kernels_.forward_step(args, recurrent.scalar_type());
+}
+
 void StepBackend::gru_forward_step(const at::Tensor& h_prev, at::Tensor& gates,
                                    const at::Tensor& bias_hn, at::Tensor& hidden_n, at::Tensor& h,
                                    bool training) {
@@ -338,6 +352,18 @@ struct LoopVariant {
   bool zoneout = false;
   at::Tensor keep_h, keep_c;
   double keep_p = 0;
+  // Layer norm: the gains of the recurrent product's and of c_t's normalizations, and c_t's bias.
+  // The loop's input x is then the input's share of the pre-activations [rows, G*H] (normalized,
+  // gained, both biases added), so the loop runs no input projection, and backward returns that
+  // share's gradient as grad_input.
+  bool layer_norm = false;
+  at::Tensor weight_hh, weight_c, bias_c;
+};
+
+// What a layer-norm forward saves besides the gates and cells: the normalized recurrent products
+// [rows, G*H] and c_t [rows, H], and each row's two reciprocal standard deviations [rows, 2].
+struct LayerNormSaved {
+  at::Tensor norm_hh, norm_c, rstd;
 };
 
 // The loop itself, on 2-D buffers, for either cell: x [rows, C] contiguous; returns (output
@@ -351,11 +377,13 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
                                 const std::optional<at::Tensor>& b_hh,
                                 const std::optional<at::Tensor>& w_hr, bool reverse,
                                 bool training, StepBackend& backend,
-                                const LoopVariant& variant = LoopVariant()) {
+                                const LoopVariant& variant = LoopVariant(),
+                                LayerNormSaved* ln_saved = nullptr) {
   // The buffers and views below are internal: without this guard every view or in-place op on
   // them would also do autograd view bookkeeping (microseconds per step, felt at small sizes).
   at::AutoDispatchBelowADInplaceOrView no_view_tracking;
   const bool lstm = is_lstm(cell);
+  const bool layer_norm = variant.layer_norm;
   const int64_t gates_per_unit = gate_count(cell);
   const int64_t steps = layout.steps, batch = layout.batch, rows = layout.rows;
   const int64_t hidden = w_hh.size(0) / gates_per_unit, proj = w_hh.size(1);
@@ -377,7 +405,8 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
   // A padded batch without projections may run its whole recurrence in one call to the backend,
   // which may also compute each step's input projection itself; the step loop further down is the
   // general case.
-  const bool whole_recurrence_possible = !projected && !layout.packed();
+  // (Not with layer norm: its steps normalize whole rows, which no backend's recurrence does.)
+  const bool whole_recurrence_possible = !projected && !layout.packed() && !layer_norm;
   const bool fused_input = whole_recurrence_possible &&
                            backend.fuses_input_projection(cell, batch, x.size(1), hidden);
   // Otherwise: the input projection of all timesteps in one GEMM, the biases folded in:
@@ -387,10 +416,23 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
   const int64_t gate_width = gates_per_unit * hidden;
   at::Tensor gates = training || !fused_input ? backend.empty_buffer({rows, gate_width}, options)
                                               : at::Tensor();
-  if (!fused_input) {
+  if (layer_norm) {
+    gates.copy_(x);  // the input's share, projected by the caller
+  } else if (!fused_input) {
     // Named scopes show up in torch.profiler: where a step's time goes (benchmarks/README.md).
     RECORD_FUNCTION("lstm_ext::input_projection", std::vector<c10::IValue>());
     backend.project_input(x, w_ih, bias, gates);
+  }
+  // Layer norm: one step's recurrent product, and what training saves of the normalizations.
+  at::Tensor recurrent;
+  LayerNormSaved norms;
+  if (layer_norm) {
+    recurrent = at::empty({batch, gate_width}, options);
+    if (training) {
+      norms.norm_hh = backend.empty_buffer({rows, gate_width}, options);
+      norms.norm_c = backend.empty_buffer({rows, hidden}, options);
+      norms.rstd = at::empty({rows, 2}, options);
+    }
   }
 
   at::Tensor output = at::empty({rows, proj}, options);
@@ -475,7 +517,40 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
       const at::Tensor c_prev = training ? previous_state(cells, c0_c, c_join, layout, k, reverse)
                                          : row_block(c_n, 0, n);
       c_t = training ? row_block(cells, offset, n) : row_block(c_n, 0, n);
-      if (projected) {
+      if (layer_norm) {
+        ForwardStepArgs args{gates_t.data_ptr(),
+                             c_prev.const_data_ptr(),
+                             c_t.data_ptr(),
+                             h_t.data_ptr(),
+                             n,
+                             hidden,
+                             training,
+                             peephole_c.defined() ? peephole_c.const_data_ptr() : nullptr,
+                             cell == Cell::kLstmCoupled};
+        if (variant.zoneout) {
+          args.zoneout = true;
+          args.zoneout_h =
+              variant.keep_h.defined() ? row_block(variant.keep_h, offset, n).const_data_ptr()
+                                       : nullptr;
+          args.zoneout_c =
+              variant.keep_c.defined() ? row_block(variant.keep_c, offset, n).const_data_ptr()
+                                       : nullptr;
+          args.zoneout_p = variant.keep_p;
+          args.h_prev = h_prev.const_data_ptr();
+          args.c_new = training ? row_block(cells_new, offset, n).data_ptr() : nullptr;
+        }
+        args.layer_norm = true;
+        args.ln.weight_hh = variant.weight_hh.const_data_ptr();
+        args.ln.weight_c = variant.weight_c.const_data_ptr();
+        args.ln.bias_c = variant.bias_c.const_data_ptr();
+        if (training) {
+          args.ln.norm_hh = row_block(norms.norm_hh, offset, n).data_ptr();
+          args.ln.norm_c = row_block(norms.norm_c, offset, n).data_ptr();
+          args.ln.rstd = row_block(norms.rstd, offset, n).data_ptr();
+        }
+        at::Tensor recurrent_t = row_block(recurrent, 0, n);
+        backend.layer_norm_forward_step(h_prev, recurrent_t, args);
+      } else if (projected) {
         at::Tensor u_t = row_block(unprojected, training ? offset : 0, n);
         backend.forward_step(h_prev, gates_t, c_prev, c_t, u_t, training);
         backend.project(u_t, h_t);
@@ -507,6 +582,9 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
   }
   if (!training) {
     return {output, h_n, c_n, none(), none(), none()};
+  }
+  if (ln_saved != nullptr) {
+    *ln_saved = norms;
   }
   // The last slot: with projections the un-projected o * tanh(c_t); with zoneout (which excludes
   // projections) c_t before zoneout.
@@ -542,6 +620,9 @@ at::Tensor gather_previous_hidden(const at::Tensor& output, const at::Tensor& h0
 struct LayerGradients {
   at::Tensor grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
   at::Tensor grad_peephole;  // LSTM variants with peepholes only
+  // Layer norm only: the gains' gradients and c_t's bias's (grad_input is then the input share's;
+  // grad_w_ih and the bias gradients are undefined).
+  at::Tensor grad_ln_weight_hh, grad_ln_weight_c, grad_ln_bias_c;
 };
 
 // The backward loop on 2-D buffers (see forward_unchecked). `output` [rows, P] may be undefined
@@ -555,11 +636,14 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
                                   const at::Tensor& output, const at::Tensor& gates,
                                   const at::Tensor& cells, const at::Tensor& unprojected,
                                   bool reverse, StepBackend& backend,
-                                  const LoopVariant& variant = LoopVariant()) {
+                                  const LoopVariant& variant = LoopVariant(),
+                                  const LayerNormSaved* ln_saved = nullptr) {
   // The buffers and views below are internal: without this guard every view or in-place op on
   // them would also do autograd view bookkeeping (microseconds per step, felt at small sizes).
   at::AutoDispatchBelowADInplaceOrView no_view_tracking;
   const bool lstm = is_lstm(cell);
+  const bool layer_norm = variant.layer_norm;
+  TORCH_INTERNAL_ASSERT(!layer_norm || ln_saved != nullptr);
   const int64_t gates_per_unit = gate_count(cell);
   const int64_t steps = layout.steps, batch = layout.batch, rows = layout.rows;
   const int64_t features = x.size(1);
@@ -571,6 +655,14 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
   // GRU, apart, those of W_in x + b_in, which W_ih's GEMMs take in the n rows.
   at::Tensor d_gates = backend.empty_buffer({rows, gates_per_unit * hidden}, options);
   at::Tensor d_input_n = lstm ? at::Tensor() : backend.empty_buffer({rows, hidden}, options);
+  // Layer norm: d_gates is the gradient of the pre-activations (the input share's); the W_hh
+  // GEMMs take that of the un-normalized recurrent product, and the gain and bias of c_t's
+  // normalization that of its output.
+  at::Tensor d_recurrent, d_c_out;
+  if (layer_norm) {
+    d_recurrent = backend.empty_buffer({rows, gates_per_unit * hidden}, options);
+    d_c_out = backend.empty_buffer({rows, hidden}, options);
+  }
   // d_h starts as grad_h_n and is then overwritten each step by d_gates[t] W_hh (the GRU adds the
   // direct part z * d_h_t); after the last step it is grad_h0. The LSTM's d_c is updated in place
   // by the pointwise pass and ends as grad_c0. A step touches only its own rows: in a packed batch
@@ -602,7 +694,7 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
       backend.begin_projection(w_hr->contiguous());
     }
     bool whole_recurrence = false;
-    if (!projected && !layout.packed() && (steps == 1 || output.defined())) {
+    if (!projected && !layout.packed() && !layer_norm && (steps == 1 || output.defined())) {
       BackwardRecurrenceArgs args{cell,
                                         steps,
                                         batch,
@@ -689,22 +781,39 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
           args.zoneout_p = variant.keep_p;
           args.d_h_prev = d_h_t.data_ptr();  // the kept part; the GEMM below adds onto it
         }
+        if (layer_norm) {
+          args.layer_norm = true;
+          args.ln.weight_hh = variant.weight_hh.const_data_ptr();
+          args.ln.weight_c = variant.weight_c.const_data_ptr();
+          args.ln.bias_c = variant.bias_c.const_data_ptr();
+          args.ln.norm_hh = row_block(ln_saved->norm_hh, offset, n).const_data_ptr();
+          args.ln.norm_c = row_block(ln_saved->norm_c, offset, n).const_data_ptr();
+          args.ln.rstd = row_block(ln_saved->rstd, offset, n).const_data_ptr();
+          args.ln.d_recurrent = row_block(d_recurrent, offset, n).data_ptr();
+          args.ln.d_c_out = row_block(d_c_out, offset, n).data_ptr();
+        }
         backend.backward_pointwise(args, x.scalar_type());
       }
-      backend.recurrent_gradient(d_gates_t, d_h_t, /*accumulate=*/variant.zoneout);
+      backend.recurrent_gradient(layer_norm ? row_block(d_recurrent, offset, n) : d_gates_t, d_h_t,
+                                 /*accumulate=*/variant.zoneout);
     }
   }
 
   // Weight and input gradients as large GEMMs over all timesteps.
   RECORD_FUNCTION("lstm_ext::weight_gradients", std::vector<c10::IValue>());
   LayerGradients grads;
-  grads.grad_input = at::empty({rows, features}, options);
-  grads.grad_w_ih = at::empty({gates_per_unit * hidden, features}, options);
-  if (lstm) {
+  if (layer_norm) {
+    // The input's share of the pre-activations was the loop's input: its gradient is d_gates.
+    grads.grad_input = d_gates;
+  } else if (lstm) {
+    grads.grad_input = at::empty({rows, features}, options);
+    grads.grad_w_ih = at::empty({gates_per_unit * hidden, features}, options);
     backend.matmul(d_gates, w_ih, grads.grad_input, /*accumulate=*/false);
     backend.weight_gradient(d_gates, x, grads.grad_w_ih, &grads.grad_b_hh);
     grads.grad_b_ih = grads.grad_b_hh;
   } else {
+    grads.grad_input = at::empty({rows, features}, options);
+    grads.grad_w_ih = at::empty({gates_per_unit * hidden, features}, options);
     // W_ih's r and z rows take the gradients W_hh's do; its n rows those of W_in x + b_in.
     const at::Tensor d_rz = d_gates.narrow(1, 0, 2 * hidden);
     backend.matmul(d_rz, w_ih.narrow(0, 0, 2 * hidden), grads.grad_input, /*accumulate=*/false);
@@ -720,18 +829,19 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
   }
   grads.grad_w_hh = at::empty({gates_per_unit * hidden, proj}, options);
   at::Tensor& grad_w_hh = grads.grad_w_hh;
+  const at::Tensor& d_product = layer_norm ? d_recurrent : d_gates;  // of h_{t-1} W_hh^T
   if (layout.packed()) {
-    backend.matmul(d_gates.t(), gather_previous_hidden(output, h0_c, layout, reverse), grad_w_hh,
-                   /*accumulate=*/false);
+    backend.matmul(d_product.t(), gather_previous_hidden(output, h0_c, layout, reverse),
+                   grad_w_hh, /*accumulate=*/false);
   } else {
     // h_{t-1} of the first forward step is h0; of every other step, the output of its
     // predecessor: the output shifted by one step, a strided view.
     const int64_t first_t = step_time(0, steps, reverse);
-    backend.matmul(d_gates.narrow(0, first_t * batch, batch).t(), h0_c, grad_w_hh,
+    backend.matmul(d_product.narrow(0, first_t * batch, batch).t(), h0_c, grad_w_hh,
                    /*accumulate=*/false);
     if (steps > 1) {
       const int64_t later = (steps - 1) * batch;
-      const at::Tensor later_d_gates = d_gates.narrow(0, reverse ? 0 : batch, later);
+      const at::Tensor later_d_gates = d_product.narrow(0, reverse ? 0 : batch, later);
       const at::Tensor their_h_prev = output.narrow(0, reverse ? batch : 0, later);
       backend.matmul(later_d_gates.t(), their_h_prev, grad_w_hh, /*accumulate=*/true);
     }
@@ -751,6 +861,11 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
         {(d_gate(0) * c_prev).sum(0),
          coupled ? at::zeros({hidden}, options) : (d_gate(1) * c_prev).sum(0),
          (d_gate(coupled ? 2 : 3) * (variant.zoneout ? cells_new : cells)).sum(0)});
+  }
+  if (layer_norm) {
+    grads.grad_ln_weight_hh = (d_gates * ln_saved->norm_hh).sum(0);
+    grads.grad_ln_weight_c = (d_c_out * ln_saved->norm_c).sum(0);
+    grads.grad_ln_bias_c = d_c_out.sum(0);
   }
   grads.grad_h0 = d_h;
   grads.grad_c0 = lstm ? d_c : at::empty({0}, options);
@@ -955,6 +1070,151 @@ VariantBackwardResult lstm_variant_backward(
       grads.grad_peephole.defined() ? grads.grad_peephole : at::empty({0}, input.options());
   return {grads.grad_input, grads.grad_h0,   grads.grad_c0,   grads.grad_w_ih,
           grads.grad_w_hh,  grads.grad_b_hh, grads.grad_w_hr, grad_peephole};
+}
+
+// The layer-norm LSTM's entry points: the same loop, its input the input's share of the
+// pre-activations (see LoopVariant).
+namespace {
+
+// Checks the weights of a layer-norm layer against its input share; returns H.
+int64_t check_layer_norm_weights(const char* op, Cell cell, const at::Tensor& reference,
+                                 const char* reference_name, const at::Tensor& w_hh,
+                                 const at::Tensor& weight_hh, const at::Tensor& weight_c,
+                                 const at::Tensor& bias_c) {
+  const int64_t gates = gate_count(cell);
+  const bool coupled = cell == Cell::kLstmCoupled;
+  TORCH_CHECK(at::isFloatingType(reference.scalar_type()), op, ": expected a floating-point ",
+              reference_name, ", got dtype ", reference.scalar_type());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), op,
+              ": expected w_hh of shape ", coupled ? "[3H, H]" : "[4H, H]", ", got ",
+              w_hh.sizes());
+  const int64_t hidden = w_hh.size(1);
+  check_same_device_and_dtype(op, reference, reference_name, w_hh, "w_hh");
+  check_shape(op, weight_hh, "weight_hh", {gates * hidden}, coupled ? "[3H]" : "[4H]");
+  check_shape(op, weight_c, "weight_c", {hidden}, "[H]");
+  check_shape(op, bias_c, "bias_c", {hidden}, "[H]");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weight_hh, "weight_hh"},
+                                {weight_c, "weight_c"},
+                                {bias_c, "bias_c"}}) {
+    check_same_device_and_dtype(op, reference, reference_name, t, name);
+  }
+  return hidden;
+}
+
+LoopVariant layer_norm_variant(LoopVariant variant, const at::Tensor& weight_hh,
+                               const at::Tensor& weight_c, const at::Tensor& bias_c) {
+  variant.layer_norm = true;
+  variant.weight_hh = weight_hh.contiguous();
+  variant.weight_c = weight_c.contiguous();
+  variant.bias_c = bias_c.contiguous();
+  return variant;
+}
+
+}  // namespace
+
+LayerNormForwardResult lstm_layernorm_forward(
+    const at::Tensor& input_part, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_hh, const at::Tensor& weight_hh, const at::Tensor& weight_c,
+    const at::Tensor& bias_c, const std::optional<at::Tensor>& peephole, bool coupled_gates,
+    bool reverse, bool training, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
+    double zoneout, StepBackend& backend) {
+  const char* op = "lstm_ext::lstm_layernorm_forward";
+  const Cell cell = lstm_cell_of(coupled_gates);
+  const StepLayout layout = input_layout(op, input_part, batch_sizes);
+  const int64_t hidden = check_layer_norm_weights(op, cell, input_part, "input_part", w_hh,
+                                                  weight_hh, weight_c, bias_c);
+  const int64_t width = gate_count(cell) * hidden;
+  TORCH_CHECK(input_part.size(-1) == width, op, ": expected input_part's last dimension to be ",
+              coupled_gates ? "3H = " : "4H = ", width, " (the pre-activations' input share), got ",
+              input_part.size(-1));
+  check_state(op, input_part, h0, "h0", layout.batch, hidden, "[N, H]");
+  check_state(op, input_part, c0, "c0", layout.batch, hidden, "[N, H]");
+  const LoopVariant variant = layer_norm_variant(
+      checked_variant(op, input_part, layout, peephole, hidden, /*projected=*/false, zoneout_h,
+                      zoneout_c, zoneout),
+      weight_hh, weight_c, bias_c);
+  LayerNormSaved norms;
+  auto [output, h_n, c_n, gates, cells, c_new] =
+      forward_unchecked(cell, flatten(input_part, layout, width), layout, h0, c0,
+                        /*w_ih=*/at::Tensor(), w_hh, std::nullopt, std::nullopt, std::nullopt,
+                        reverse, training, backend, variant, &norms);
+  if (!training) {
+    const auto none = [&] { return at::empty({0}, input_part.options()); };
+    return {unflatten(output, layout), h_n, c_n, gates, cells, c_new, none(), none(), none()};
+  }
+  return {unflatten(output, layout), h_n, c_n, unflatten(gates, layout), unflatten(cells, layout),
+          c_new.numel() > 0 ? unflatten(c_new, layout) : c_new, unflatten(norms.norm_hh, layout),
+          unflatten(norms.norm_c, layout), unflatten(norms.rstd, layout)};
+}
+
+LayerNormBackwardResult lstm_layernorm_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const at::Tensor& weight_hh, const at::Tensor& weight_c, const at::Tensor& bias_c,
+    const std::optional<at::Tensor>& peephole, bool coupled_gates, const at::Tensor& output,
+    const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+    const std::optional<at::Tensor>& saved_hidden, const at::Tensor& saved_norm_hh,
+    const at::Tensor& saved_norm_c, const at::Tensor& saved_rstd, bool reverse,
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& zoneout_h,
+    const std::optional<at::Tensor>& zoneout_c, double zoneout, StepBackend& backend) {
+  const char* op = "lstm_ext::_lstm_layernorm_backward";
+  const Cell cell = lstm_cell_of(coupled_gates);
+  // grad_output has the input's steps and rows: the layout comes from it.
+  const StepLayout layout = input_layout(op, grad_output, batch_sizes);
+  const int64_t hidden = check_layer_norm_weights(op, cell, grad_output, "grad_output", w_hh,
+                                                  weight_hh, weight_c, bias_c);
+  const int64_t width = gate_count(cell) * hidden, batch = layout.batch;
+  TORCH_CHECK(saved_gates.numel() > 0 || batch == 0, op,
+              ": the forward pass was run with training=False, so nothing was saved for backward");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{h0, "h0"},
+                                {c0, "c0"},
+                                {grad_h_n, "grad_h_n"},
+                                {grad_c_n, "grad_c_n"}}) {
+    check_state(op, grad_output, t, name, batch, hidden, "[N, H]");
+  }
+  const char* rows_text = layout.packed() ? "[rows, " : "[T, N, ";
+  const auto check_per_step = [&](const at::Tensor& t, const char* name, int64_t columns,
+                                  const char* columns_text) {
+    const std::vector<int64_t> expected =
+        layout.packed() ? std::vector<int64_t>{layout.rows, columns}
+                        : std::vector<int64_t>{layout.steps, batch, columns};
+    check_shape(op, t, name, expected, (std::string(rows_text) + columns_text).c_str());
+    check_same_device_and_dtype(op, grad_output, "grad_output", t, name);
+  };
+  const char* gates_text = coupled_gates ? "3H]" : "4H]";
+  check_per_step(grad_output, "grad_output", hidden, "H]");
+  check_per_step(output, "output", hidden, "H]");
+  check_per_step(saved_gates, "saved_gates", width, gates_text);
+  check_per_step(saved_cells, "saved_cells", hidden, "H]");
+  check_per_step(saved_norm_hh, "saved_norm_hh", width, gates_text);
+  check_per_step(saved_norm_c, "saved_norm_c", hidden, "H]");
+  check_per_step(saved_rstd, "saved_rstd", 2, "2]");
+  const LoopVariant variant = layer_norm_variant(
+      checked_variant(op, grad_output, layout, peephole, hidden, /*projected=*/false, zoneout_h,
+                      zoneout_c, zoneout),
+      weight_hh, weight_c, bias_c);
+  at::Tensor cells_new;
+  if (variant.zoneout) {
+    TORCH_CHECK(saved_hidden.has_value(), op,
+                ": with zoneout, saved_hidden from the forward pass is required");
+    check_per_step(*saved_hidden, "saved_hidden", hidden, "H]");
+    cells_new = flatten(*saved_hidden, layout, hidden);
+  }
+  const LayerNormSaved norms{flatten(saved_norm_hh, layout, width),
+                             flatten(saved_norm_c, layout, hidden),
+                             flatten(saved_rstd, layout, 2)};
+  // The loop's `x` only lends its dtype and options here: the input share needs no GEMM.
+  const at::Tensor gates_flat = flatten(saved_gates, layout, width);
+  LayerGradients grads = backward_unchecked(
+      cell, flatten(grad_output, layout, hidden), grad_h_n, grad_c_n, gates_flat, layout, h0, c0,
+      /*w_ih=*/at::Tensor(), w_hh, std::nullopt, flatten(output, layout, hidden), gates_flat,
+      flatten(saved_cells, layout, hidden), cells_new, reverse, backend, variant, &norms);
+  const at::Tensor grad_peephole =
+      grads.grad_peephole.defined() ? grads.grad_peephole : at::empty({0}, grad_output.options());
+  return {unflatten(grads.grad_input, layout), grads.grad_h0,          grads.grad_c0,
+          grads.grad_w_hh,                     grads.grad_ln_weight_hh, grads.grad_ln_weight_c,
+          grads.grad_ln_bias_c,                grad_peephole};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(

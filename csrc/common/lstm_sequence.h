@@ -151,6 +151,14 @@ class StepBackend {
                                 const at::Tensor& bias_hn, at::Tensor& hidden_n, at::Tensor& h,
                                 bool training);
 
+  // out [N, G*H] = h_prev [N, P] W_hh^T, the recurrent product on its own (the layer-norm step
+  // normalizes it before adding the input's share).
+  virtual void recurrent_product(const at::Tensor& h_prev, at::Tensor& out);
+  // A layer-norm LSTM step: recurrent = h_prev W_hh^T, then the device's pointwise pass with
+  // `args` (everything set but args.ln.recurrent, which this sets).
+  void layer_norm_forward_step(const at::Tensor& h_prev, at::Tensor& recurrent,
+                               ForwardStepArgs& args);
+
   // The whole forward recurrence in one call, after begin_forward. A backend that can do better
   // than T calls of forward_step (the CPU one keeps its threads, and each thread its slice of
   // W_hh, across steps) runs it and returns true; the default returns false and the loop runs
@@ -261,6 +269,42 @@ VariantBackwardResult lstm_variant_backward(
     const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& saved_hidden,
     const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
     double zoneout, StepBackend& backend);
+
+// The layer-norm LSTM's layer (Ba et al. 2016, haste's LayerNormLSTM), with peepholes, coupled
+// gates and zoneout as lstm_variant_forward, without projections. Its input is the input's share
+// of the pre-activations, input_part [T, N, G*H] (packed [rows, G*H]) = LN(x W_ih^T) weight_ih +
+// b_ih + b_hh, which the caller computes for all steps at once (one GEMM and one layer_norm, both
+// differentiated by autograd). Each step then adds LN(h_{t-1} W_hh^T) weight_hh, and
+// h_t = o tanh(LN(c_t) weight_c + bias_c). Returns lstm_variant_forward's six tensors (no
+// projection, so saved_hidden is c_t before zoneout, or empty) and, when training, the
+// normalized recurrent products [T, N, G*H], normalized c_t [T, N, H] and the rows' reciprocal
+// standard deviations [T, N, 2] (packed: [rows, ...]).
+using LayerNormForwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor>;
+LayerNormForwardResult lstm_layernorm_forward(
+    const at::Tensor& input_part, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_hh, const at::Tensor& weight_hh, const at::Tensor& weight_c,
+    const at::Tensor& bias_c, const std::optional<at::Tensor>& peephole, bool coupled_gates,
+    bool reverse, bool training, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
+    double zoneout, StepBackend& backend);
+
+// Its gradients: (grad_input_part, grad_h0, grad_c0, grad_w_hh, grad_weight_hh, grad_weight_c,
+// grad_bias_c, grad_peephole (empty without peepholes)).
+using LayerNormBackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor>;
+LayerNormBackwardResult lstm_layernorm_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const at::Tensor& weight_hh, const at::Tensor& weight_c, const at::Tensor& bias_c,
+    const std::optional<at::Tensor>& peephole, bool coupled_gates, const at::Tensor& output,
+    const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+    const std::optional<at::Tensor>& saved_hidden, const at::Tensor& saved_norm_hh,
+    const at::Tensor& saved_norm_c, const at::Tensor& saved_rstd, bool reverse,
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& zoneout_h,
+    const std::optional<at::Tensor>& zoneout_c, double zoneout, StepBackend& backend);
 
 // One step, as torch.nn.LSTMCell: input [N, C], hx/cx [N, H].
 // Returns (h [N, H], c [N, H], saved_gates [N, 4H], or empty when not training).

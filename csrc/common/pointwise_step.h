@@ -48,6 +48,24 @@ struct ForwardStepArgs {
   double zoneout_p = 0;
   const void* h_prev = nullptr;  // [N, H] h_{t-1}, read with zoneout
   void* c_new = nullptr;         // [N, H] out with zoneout when training: c_t before zoneout
+  // Layer norm (Ba et al. 2016, haste's LayerNormLSTM; see LayerNormStep). `gates` then holds
+  // only the input's share of the pre-activations (normalized, gained, biased), the recurrent
+  // product arrives apart in layer_norm.recurrent, and the pass always leaves the activated gates
+  // in `gates` (inference included: it reads o back after normalizing c_t). A layer-norm step
+  // needs whole rows (its normalizations reduce over them), so a device runs a row in one go.
+  bool layer_norm = false;
+  struct LayerNormStep {
+    const void* recurrent = nullptr;  // [N, G*H] h_{t-1} W_hh^T, not normalized
+    const void* weight_hh = nullptr;  // [G*H] gain of the recurrent product's normalization
+    const void* weight_c = nullptr;   // [H] gain of c_t's normalization
+    const void* bias_c = nullptr;     // [H] its bias
+    // Out when training: the normalized recurrent product [N, G*H] and normalized c_t [N, H]
+    // (before gains and bias), and the rows' reciprocal standard deviations [N, 2]
+    // (recurrent's, c_t's).
+    void* norm_hh = nullptr;
+    void* norm_c = nullptr;
+    void* rstd = nullptr;
+  } ln;
 };
 
 // One step of the LSTM's backward pointwise pass.
@@ -71,6 +89,22 @@ struct BackwardStepArgs {
   const void* zoneout_c = nullptr;
   double zoneout_p = 0;
   void* d_h_prev = nullptr;
+  // Layer norm, the mirror of ForwardStepArgs::ln: norm_hh, norm_c and rstd are the saved
+  // normalizations of step t (in); d_gates receives the gradient of the pre-activations, which is
+  // the input share's; d_recurrent [N, G*H] that of the un-normalized recurrent product (the
+  // gradient W_hh's GEMMs take); d_c_out [N, H] that of LN(c_t)'s output (gain and bias applied),
+  // from which the time loop sums the gain's and bias's gradients.
+  bool layer_norm = false;
+  struct LayerNormStep {
+    const void* weight_hh = nullptr;
+    const void* weight_c = nullptr;
+    const void* bias_c = nullptr;
+    const void* norm_hh = nullptr;
+    const void* norm_c = nullptr;
+    const void* rstd = nullptr;
+    void* d_recurrent = nullptr;
+    void* d_c_out = nullptr;
+  } ln;
 };
 
 // One step of the GRU's forward pointwise pass (see cell_math.h for the math).

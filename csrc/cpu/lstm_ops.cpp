@@ -137,6 +137,37 @@ VariantBackwardResult lstm_variant_backward_cpu(
                                *backend);
 }
 
+LayerNormForwardResult lstm_layernorm_forward_cpu(
+    const at::Tensor& input_part, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_hh, const at::Tensor& weight_hh, const at::Tensor& weight_c,
+    const at::Tensor& bias_c, const std::optional<at::Tensor>& peephole, bool coupled_gates,
+    bool reverse, bool training, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
+    double zoneout) {
+  const auto backend = make_backend(input_part, batch_sizes);
+  return lstm_layernorm_forward(input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole,
+                                coupled_gates, reverse, training, batch_sizes, zoneout_h,
+                                zoneout_c, zoneout, *backend);
+}
+
+LayerNormBackwardResult lstm_layernorm_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const at::Tensor& weight_hh, const at::Tensor& weight_c, const at::Tensor& bias_c,
+    const std::optional<at::Tensor>& peephole, bool coupled_gates, const at::Tensor& output,
+    const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+    const std::optional<at::Tensor>& saved_hidden, const at::Tensor& saved_norm_hh,
+    const at::Tensor& saved_norm_c, const at::Tensor& saved_rstd, bool reverse,
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& zoneout_h,
+    const std::optional<at::Tensor>& zoneout_c, double zoneout) {
+  const auto backend = make_backend(grad_output, batch_sizes);
+  return lstm_layernorm_backward(grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, weight_hh,
+                                 weight_c, bias_c, peephole, coupled_gates, output, saved_gates,
+                                 saved_cells, saved_hidden, saved_norm_hh, saved_norm_c,
+                                 saved_rstd, reverse, batch_sizes, zoneout_h, zoneout_c, zoneout,
+                                 *backend);
+}
+
 GruLayerResult gru_forward_cpu(const at::Tensor& input, const at::Tensor& h0,
                                const at::Tensor& w_ih, const at::Tensor& w_hh,
                                const std::optional<at::Tensor>& b_ih,
@@ -186,6 +217,8 @@ TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
   m.impl("_lstm_cell_backward", &lstm_ext::cpu::lstm_cell_backward_cpu);
   m.impl("lstm_variant_forward", &lstm_ext::cpu::lstm_variant_forward_cpu);
   m.impl("_lstm_variant_backward", &lstm_ext::cpu::lstm_variant_backward_cpu);
+  m.impl("lstm_layernorm_forward", &lstm_ext::cpu::lstm_layernorm_forward_cpu);
+  m.impl("_lstm_layernorm_backward", &lstm_ext::cpu::lstm_layernorm_backward_cpu);
   m.impl("gru_forward", &lstm_ext::cpu::gru_forward_cpu);
   m.impl("_gru_backward", &lstm_ext::cpu::gru_backward_cpu);
   m.impl("gru_cell_forward", &lstm_ext::cpu::gru_cell_forward_cpu);

@@ -407,6 +407,304 @@ struct GruBackwardUnits {
   }
 };
 
+// The layer-norm LSTM's passes (cell_math.h): one row of the batch at a time, by one thread, in
+// three passes over the row (reduce, unit math, reduce, finish), so a row's results do not depend
+// on the thread count.
+
+// A tag naming the value type a row callback runs with: SIMD vectors for the body of a row, the
+// compute scalar for its tail.
+template <typename V>
+struct ValueType {
+  using type = V;
+};
+
+template <typename scalar_t, typename V>
+inline V load_as(const scalar_t* p) {
+  using IO = PointwiseIO<scalar_t>;
+  if constexpr (std::is_same_v<V, typename IO::Vec>) {
+    return IO::load_vec(p);
+  } else {
+    return IO::load(p);
+  }
+}
+
+template <typename scalar_t, typename V>
+inline void store_as(scalar_t* p, V v) {
+  using IO = PointwiseIO<scalar_t>;
+  if constexpr (std::is_same_v<V, typename IO::Vec>) {
+    IO::store_vec(p, v);
+  } else {
+    IO::store(p, v);
+  }
+}
+
+// Calls f(ValueType<V>{}, j) over j in [0, width): vectors over the body, scalars over the tail.
+template <typename scalar_t, typename F>
+inline void for_each_in_row(int64_t width, const F& f) {
+  using IO = PointwiseIO<scalar_t>;
+  int64_t j = 0;
+  for (; j + IO::kWidth <= width; j += IO::kWidth) {
+    f(ValueType<typename IO::Vec>{}, j);
+  }
+  for (; j < width; ++j) {
+    f(ValueType<typename IO::compute_t>{}, j);
+  }
+}
+
+// A sum over a row in a fixed order: one SIMD accumulator for the body, one scalar for the tail.
+template <typename scalar_t>
+struct RowSum {
+  using IO = PointwiseIO<scalar_t>;
+  typename IO::Vec body = typename IO::Vec(0);
+  typename IO::compute_t tail = 0;
+  void add(typename IO::Vec v) { body = body + v; }
+  void add(typename IO::compute_t v) { tail += v; }
+  typename IO::compute_t total() const {
+    typename IO::compute_t lanes[IO::kWidth];
+    body.store(lanes);
+    typename IO::compute_t sum = 0;
+    for (int64_t i = 0; i < IO::kWidth; ++i) sum += lanes[i];
+    return sum + tail;
+  }
+};
+
+// Mean and reciprocal standard deviation of a row (two passes: the variance of deviations from
+// the mean, which cancels nothing).
+template <typename scalar_t>
+inline std::pair<at::opmath_type<scalar_t>, at::opmath_type<scalar_t>> row_moments(
+    const scalar_t* x, int64_t width) {
+  using compute_t = at::opmath_type<scalar_t>;
+  RowSum<scalar_t> sum;
+  for_each_in_row<scalar_t>(width, [&](auto type, int64_t j) {
+    using V = typename decltype(type)::type;
+    sum.add(load_as<scalar_t, V>(x + j));
+  });
+  const compute_t mean = sum.total() / static_cast<compute_t>(width);
+  RowSum<scalar_t> squares;
+  for_each_in_row<scalar_t>(width, [&](auto type, int64_t j) {
+    using V = typename decltype(type)::type;
+    const V deviation = load_as<scalar_t, V>(x + j) - V(mean);
+    squares.add(deviation * deviation);
+  });
+  const compute_t variance = squares.total() / static_cast<compute_t>(width);
+  return {mean, compute_t(1) / std::sqrt(variance + static_cast<compute_t>(kLayerNormEps))};
+}
+
+template <typename scalar_t, bool kTraining>
+void layer_norm_forward_row(const ForwardStepArgs& a, int64_t n) {
+  using compute_t = at::opmath_type<scalar_t>;
+  const int64_t hidden = a.hidden, width = gate_count_of(a.coupled) * hidden;
+  const GateOffsets at(a.coupled, hidden);
+  const auto& ln = a.ln;
+  const auto* recurrent = static_cast<const scalar_t*>(ln.recurrent) + n * width;
+  auto* gates = static_cast<scalar_t*>(a.gates) + n * width;
+  const auto* weight_hh = static_cast<const scalar_t*>(ln.weight_hh);
+  const auto* c_prev = static_cast<const scalar_t*>(a.c_prev) + n * hidden;
+  // h_t's row holds c_t (before zoneout) between the passes: `c` may alias c_prev, which zoneout
+  // reads in the last pass.
+  auto* h = static_cast<scalar_t*>(a.h) + n * hidden;
+  auto* norm_hh = kTraining ? static_cast<scalar_t*>(ln.norm_hh) + n * width : nullptr;
+
+  const auto moments_hh = row_moments(recurrent, width);
+  const compute_t mean_hh = moments_hh.first, rstd_hh = moments_hh.second;
+  for_each_in_row<scalar_t>(hidden, [&](auto type, int64_t j) {
+    using V = typename decltype(type)::type;
+    const auto load = [](const scalar_t* p) { return load_as<scalar_t, V>(p); };
+    // The pre-activation of the gate at `offset`: input share + γ_hh LN(recurrent).
+    const auto pre = [&](int64_t offset) {
+      const V normalized = (load(recurrent + offset + j) - V(mean_hh)) * V(rstd_hh);
+      if constexpr (kTraining) {
+        store_as<scalar_t, V>(norm_hh + offset + j, normalized);
+      }
+      return load(gates + offset + j) + load(weight_hh + offset + j) * normalized;
+    };
+    const V pre_i = pre(at.i);
+    const GatePreActivations<V> pre_all{pre_i, a.coupled ? pre_i : pre(at.f), pre(at.g),
+                                        pre(at.o)};
+    const CellForwardResult<V> r = lstm_variant_state_unit(
+        pre_all, load(c_prev + j), variant_unit<V, scalar_t>(a.peephole, a.coupled, hidden, j, load));
+    store_as<scalar_t, V>(gates + at.i + j, r.gates.i);
+    if (!a.coupled) {
+      store_as<scalar_t, V>(gates + at.f + j, r.gates.f);
+    }
+    store_as<scalar_t, V>(gates + at.g + j, r.gates.g);
+    store_as<scalar_t, V>(gates + at.o + j, r.gates.o);
+    store_as<scalar_t, V>(h + j, r.c);
+  });
+
+  const auto moments_c = row_moments(static_cast<const scalar_t*>(h), hidden);
+  const compute_t mean_c = moments_c.first, rstd_c = moments_c.second;
+  const auto* weight_c = static_cast<const scalar_t*>(ln.weight_c);
+  const auto* bias_c = static_cast<const scalar_t*>(ln.bias_c);
+  const int64_t row = n * hidden;
+  for_each_in_row<scalar_t>(hidden, [&](auto type, int64_t j) {
+    using V = typename decltype(type)::type;
+    const auto load = [](const scalar_t* p) { return load_as<scalar_t, V>(p); };
+    const V c_new = load(h + j);
+    const V normalized = (c_new - V(mean_c)) * V(rstd_c);
+    const V c_out = load(weight_c + j) * normalized + load(bias_c + j);
+    V h_new = load(gates + at.o + j) * Activations<V>::tanh(c_out);
+    V c = c_new;
+    if (a.zoneout) {
+      const V keep_c = a.zoneout_c ? load(static_cast<const scalar_t*>(a.zoneout_c) + row + j)
+                                   : V(static_cast<compute_t>(a.zoneout_p));
+      const V keep_h = a.zoneout_h ? load(static_cast<const scalar_t*>(a.zoneout_h) + row + j)
+                                   : V(static_cast<compute_t>(a.zoneout_p));
+      c = c_new + keep_c * (load(c_prev + j) - c_new);
+      h_new = h_new + keep_h * (load(static_cast<const scalar_t*>(a.h_prev) + row + j) - h_new);
+      if constexpr (kTraining) {
+        store_as<scalar_t, V>(static_cast<scalar_t*>(a.c_new) + row + j, c_new);
+      }
+    }
+    if constexpr (kTraining) {
+      store_as<scalar_t, V>(static_cast<scalar_t*>(ln.norm_c) + row + j, normalized);
+    }
+    store_as<scalar_t, V>(static_cast<scalar_t*>(a.c) + row + j, c);
+    store_as<scalar_t, V>(h + j, h_new);
+  });
+  if constexpr (kTraining) {
+    auto* rstd = static_cast<scalar_t*>(ln.rstd) + 2 * n;
+    rstd[0] = static_cast<scalar_t>(rstd_hh);
+    rstd[1] = static_cast<scalar_t>(rstd_c);
+  }
+}
+
+template <typename scalar_t>
+void layer_norm_backward_row(const BackwardStepArgs& a, int64_t n) {
+  using compute_t = at::opmath_type<scalar_t>;
+  const int64_t hidden = a.hidden, width = gate_count_of(a.coupled) * hidden;
+  const GateOffsets at(a.coupled, hidden);
+  const auto& ln = a.ln;
+  const int64_t row = n * hidden;
+  const auto* gates = static_cast<const scalar_t*>(a.gates) + n * width;
+  const auto* norm_hh = static_cast<const scalar_t*>(ln.norm_hh) + n * width;
+  const auto* norm_c = static_cast<const scalar_t*>(ln.norm_c) + row;
+  const auto* weight_hh = static_cast<const scalar_t*>(ln.weight_hh);
+  const auto* weight_c = static_cast<const scalar_t*>(ln.weight_c);
+  const auto* bias_c = static_cast<const scalar_t*>(ln.bias_c);
+  const auto* d_h_output = static_cast<const scalar_t*>(a.d_h_output) + row;
+  const auto* d_h_recurrent = static_cast<const scalar_t*>(a.d_h_recurrent) + row;
+  auto* d_c_out = static_cast<scalar_t*>(ln.d_c_out) + row;
+  auto* d_gates = static_cast<scalar_t*>(a.d_gates) + n * width;
+  const compute_t rstd_hh = static_cast<compute_t>(static_cast<const scalar_t*>(ln.rstd)[2 * n]);
+  const compute_t rstd_c =
+      static_cast<compute_t>(static_cast<const scalar_t*>(ln.rstd)[2 * n + 1]);
+
+  // d_h_t, the share not kept by zoneout, and the keep weight of h.
+  const auto new_share_of_d_h = [&](auto type, int64_t j) {
+    using V = typename decltype(type)::type;
+    const V d_h = load_as<scalar_t, V>(d_h_output + j) + load_as<scalar_t, V>(d_h_recurrent + j);
+    if (!a.zoneout) {
+      return std::pair<V, V>{d_h, V(0)};
+    }
+    const V keep_h = a.zoneout_h ? load_as<scalar_t, V>(static_cast<const scalar_t*>(a.zoneout_h) + row + j)
+                                 : V(static_cast<compute_t>(a.zoneout_p));
+    return std::pair<V, V>{d_h - keep_h * d_h, keep_h * d_h};
+  };
+  // tanh(LN(c_t) γ_c + β_c), recomputed from the saved normalization.
+  const auto tanh_c_out = [&](auto type, int64_t j) {
+    using V = typename decltype(type)::type;
+    const auto load = [](const scalar_t* p) { return load_as<scalar_t, V>(p); };
+    return Activations<V>::tanh(load(weight_c + j) * load(norm_c + j) + load(bias_c + j));
+  };
+
+  // Pass 1: the gradient of c_t's normalized output, and its row means.
+  RowSum<scalar_t> sum_d, sum_d_normalized;
+  for_each_in_row<scalar_t>(hidden, [&](auto type, int64_t j) {
+    using V = typename decltype(type)::type;
+    const auto load = [](const scalar_t* p) { return load_as<scalar_t, V>(p); };
+    const V d_h = new_share_of_d_h(type, j).first;
+    const V t = tanh_c_out(type, j);
+    const V d_out = d_h * load(gates + at.o + j) * (V(1) - t * t);
+    store_as<scalar_t, V>(d_c_out + j, d_out);
+    const V d_normalized = d_out * load(weight_c + j);
+    sum_d.add(d_normalized);
+    sum_d_normalized.add(d_normalized * load(norm_c + j));
+  });
+  const compute_t mean_d_c = sum_d.total() / static_cast<compute_t>(hidden);
+  const compute_t mean_dn_c = sum_d_normalized.total() / static_cast<compute_t>(hidden);
+
+  // Pass 2: the gates' gradients, d c_{t-1}, and the row means for the recurrent normalization.
+  RowSum<scalar_t> sum_d_hh, sum_dn_hh;
+  auto* d_c = static_cast<scalar_t*>(a.d_c) + row;
+  for_each_in_row<scalar_t>(hidden, [&](auto type, int64_t j) {
+    using V = typename decltype(type)::type;
+    const auto load = [](const scalar_t* p) { return load_as<scalar_t, V>(p); };
+    const auto [d_h, d_h_kept] = new_share_of_d_h(type, j);
+    const V i = load(gates + at.i + j), o = load(gates + at.o + j);
+    const GateActivations<V> act{i, a.coupled ? V(1) - i : load(gates + at.f + j),
+                                 load(gates + at.g + j), o};
+    const V t = tanh_c_out(type, j);
+    const V d_o = d_h * t * o * (V(1) - o);
+    const V d_c_ln = layer_norm_input_gradient(load(d_c_out + j) * load(weight_c + j),
+                                               load(norm_c + j), V(rstd_c), V(mean_d_c),
+                                               V(mean_dn_c));
+    V d_c_t = load(d_c + j);
+    V d_c_kept(0);
+    if (a.zoneout) {
+      const V keep_c = a.zoneout_c ? load(static_cast<const scalar_t*>(a.zoneout_c) + row + j)
+                                   : V(static_cast<compute_t>(a.zoneout_p));
+      d_c_kept = keep_c * d_c_t;
+      d_c_t = d_c_t - d_c_kept;
+      // After the last read of d_h_recurrent[j], which d_h_prev may alias.
+      store_as<scalar_t, V>(static_cast<scalar_t*>(a.d_h_prev) + row + j, d_h_kept);
+    }
+    const CellBackwardResult<V> r = lstm_variant_gate_gradients(
+        act, load(static_cast<const scalar_t*>(a.c_prev) + row + j), d_o, d_c_t + d_c_ln,
+        variant_unit<V, scalar_t>(a.peephole, a.coupled, hidden, j, load));
+    store_as<scalar_t, V>(d_c + j, r.d_c_prev + d_c_kept);
+    const auto gate = [&](int64_t offset, V d_pre) {
+      store_as<scalar_t, V>(d_gates + offset + j, d_pre);
+      const V d_normalized = d_pre * load(weight_hh + offset + j);
+      sum_d_hh.add(d_normalized);
+      sum_dn_hh.add(d_normalized * load(norm_hh + offset + j));
+    };
+    gate(at.i, r.d_i);
+    if (!a.coupled) {
+      gate(at.f, r.d_f);
+    }
+    gate(at.g, r.d_g);
+    gate(at.o, r.d_o);
+  });
+  const compute_t mean_d_hh = sum_d_hh.total() / static_cast<compute_t>(width);
+  const compute_t mean_dn_hh = sum_dn_hh.total() / static_cast<compute_t>(width);
+
+  // Pass 3: the gradient of the un-normalized recurrent product.
+  auto* d_recurrent = static_cast<scalar_t*>(ln.d_recurrent) + n * width;
+  for_each_in_row<scalar_t>(width, [&](auto type, int64_t e) {
+    using V = typename decltype(type)::type;
+    const auto load = [](const scalar_t* p) { return load_as<scalar_t, V>(p); };
+    store_as<scalar_t, V>(
+        d_recurrent + e,
+        layer_norm_input_gradient(load(d_gates + e) * load(weight_hh + e), load(norm_hh + e),
+                                  V(rstd_hh), V(mean_d_hh), V(mean_dn_hh)));
+  });
+}
+
+template <typename scalar_t>
+void layer_norm_forward_step(const ForwardStepArgs& args) {
+  const int64_t width = gate_count_of(args.coupled) * args.hidden;
+  at::parallel_for(0, args.batch, rows_per_task(width), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if (args.training) {
+        layer_norm_forward_row<scalar_t, true>(args, n);
+      } else {
+        layer_norm_forward_row<scalar_t, false>(args, n);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void layer_norm_backward_step(const BackwardStepArgs& args) {
+  const int64_t width = gate_count_of(args.coupled) * args.hidden;
+  at::parallel_for(0, args.batch, rows_per_task(width), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      layer_norm_backward_row<scalar_t>(args, n);
+    }
+  });
+}
+
 inline void gru_forward_step(const GruForwardStepArgs& args, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, dtype, "lstm_ext_cpu_gru_forward_step", [&] {
@@ -427,7 +725,9 @@ inline void gru_backward_step(const GruBackwardStepArgs& args, c10::ScalarType d
 
 inline void forward_step(const ForwardStepArgs& args, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_ext_cpu_forward_step", [&] {
-    if (args.peephole != nullptr || args.coupled || args.zoneout) {
+    if (args.layer_norm) {
+      layer_norm_forward_step<scalar_t>(args);
+    } else if (args.peephole != nullptr || args.coupled || args.zoneout) {
       if (args.training) {
         for_each_unit<scalar_t>(args.batch, args.hidden, VariantForwardUnits<scalar_t, true>{args});
       } else {
@@ -444,7 +744,9 @@ inline void forward_step(const ForwardStepArgs& args, c10::ScalarType dtype) {
 inline void backward_step(const BackwardStepArgs& args, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "lstm_ext_cpu_backward_step",
                                   [&] {
-    if (args.peephole != nullptr || args.coupled || args.zoneout) {
+    if (args.layer_norm) {
+      layer_norm_backward_step<scalar_t>(args);
+    } else if (args.peephole != nullptr || args.coupled || args.zoneout) {
       for_each_unit<scalar_t>(args.batch, args.hidden, VariantBackwardUnits<scalar_t>{args});
     } else {
       backward_step_typed<scalar_t>(args);

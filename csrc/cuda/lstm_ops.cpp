@@ -106,6 +106,39 @@ VariantBackwardResult lstm_variant_backward_cuda(
                                backend);
 }
 
+LayerNormForwardResult lstm_layernorm_forward_cuda(
+    const at::Tensor& input_part, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_hh, const at::Tensor& weight_hh, const at::Tensor& weight_c,
+    const at::Tensor& bias_c, const std::optional<at::Tensor>& peephole, bool coupled_gates,
+    bool reverse, bool training, const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
+    double zoneout) {
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(input_part));
+  StepBackend backend(pointwise_kernels());
+  return lstm_layernorm_forward(input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole,
+                                coupled_gates, reverse, training, batch_sizes, zoneout_h,
+                                zoneout_c, zoneout, backend);
+}
+
+LayerNormBackwardResult lstm_layernorm_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const at::Tensor& weight_hh, const at::Tensor& weight_c, const at::Tensor& bias_c,
+    const std::optional<at::Tensor>& peephole, bool coupled_gates, const at::Tensor& output,
+    const at::Tensor& saved_gates, const at::Tensor& saved_cells,
+    const std::optional<at::Tensor>& saved_hidden, const at::Tensor& saved_norm_hh,
+    const at::Tensor& saved_norm_c, const at::Tensor& saved_rstd, bool reverse,
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& zoneout_h,
+    const std::optional<at::Tensor>& zoneout_c, double zoneout) {
+  const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(grad_output));
+  StepBackend backend(pointwise_kernels());
+  return lstm_layernorm_backward(grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, weight_hh,
+                                 weight_c, bias_c, peephole, coupled_gates, output, saved_gates,
+                                 saved_cells, saved_hidden, saved_norm_hh, saved_norm_c,
+                                 saved_rstd, reverse, batch_sizes, zoneout_h, zoneout_c, zoneout,
+                                 backend);
+}
+
 GruLayerResult gru_forward_cuda(const at::Tensor& input, const at::Tensor& h0,
                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
                                 const std::optional<at::Tensor>& b_ih,
@@ -155,6 +188,8 @@ TORCH_LIBRARY_IMPL(lstm_ext, CUDA, m) {
   m.impl("_lstm_cell_backward", &lstm_ext::cuda::lstm_cell_backward_cuda);
   m.impl("lstm_variant_forward", &lstm_ext::cuda::lstm_variant_forward_cuda);
   m.impl("_lstm_variant_backward", &lstm_ext::cuda::lstm_variant_backward_cuda);
+  m.impl("lstm_layernorm_forward", &lstm_ext::cuda::lstm_layernorm_forward_cuda);
+  m.impl("_lstm_layernorm_backward", &lstm_ext::cuda::lstm_layernorm_backward_cuda);
   m.impl("gru_forward", &lstm_ext::cuda::gru_forward_cuda);
   m.impl("_gru_backward", &lstm_ext::cuda::gru_backward_cuda);
   m.impl("gru_cell_forward", &lstm_ext::cuda::gru_cell_forward_cuda);

@@ -218,6 +218,242 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
+// The layer-norm LSTM's passes (cell_math.h): one block per row of the batch, its threads striding
+// over the row's units; the row's normalizations need block-wide sums between the passes (sums in
+// a fixed order, so results do not vary from run to run).
+constexpr int kLayerNormThreads = 256;
+
+// The sum of `value` over the block's threads, returned to every thread. `scratch` is shared
+// memory of one value per warp; the trailing barrier lets the next call reuse it.
+template <typename V>
+__device__ inline V block_sum(V value, V* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int offset = 16; offset > 0; offset /= 2) {
+    value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  if (lane == 0) {
+    scratch[warp] = value;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < static_cast<int>(blockDim.x / 32) ? scratch[lane] : V(0);
+    for (int offset = 16; offset > 0; offset /= 2) {
+      value += __shfl_down_sync(0xffffffffu, value, offset);
+    }
+    if (lane == 0) {
+      scratch[0] = value;
+    }
+  }
+  __syncthreads();
+  const V total = scratch[0];
+  __syncthreads();
+  return total;
+}
+
+// Mean and reciprocal standard deviation of x[0, width), to every thread (two passes, as the
+// CPU's).
+template <typename V, typename scalar_t>
+__device__ inline void row_moments(const scalar_t* x, int64_t width, V* scratch, V& mean,
+                                   V& rstd) {
+  V sum(0);
+  for (int64_t e = threadIdx.x; e < width; e += blockDim.x) {
+    sum += static_cast<V>(x[e]);
+  }
+  mean = block_sum(sum, scratch) / static_cast<V>(width);
+  V squares(0);
+  for (int64_t e = threadIdx.x; e < width; e += blockDim.x) {
+    const V deviation = static_cast<V>(x[e]) - mean;
+    squares += deviation * deviation;
+  }
+  const V variance = block_sum(squares, scratch) / static_cast<V>(width);
+  rstd = V(1) / sqrt(variance + static_cast<V>(kLayerNormEps));
+}
+
+// The writes of one pass that a later pass reads (c_t parked in h's row, the activated gates,
+// d_c_out, d_gates) are made and read by the same thread for the same unit, or after a
+// block_sum's barriers, so the block sees them.
+template <typename scalar_t, bool kTraining>
+__global__ void __launch_bounds__(kLayerNormThreads)
+    layer_norm_forward_step_kernel(const ForwardStepArgs a) {
+  using V = at::opmath_type<scalar_t>;
+  __shared__ V scratch[32];
+  const int64_t n = blockIdx.x, hidden = a.hidden;
+  const bool coupled = a.coupled;
+  const int64_t width = (coupled ? 3 : 4) * hidden;
+  const int64_t f_at = hidden, g_at = (coupled ? 1 : 2) * hidden, o_at = (coupled ? 2 : 3) * hidden;
+  const auto& ln = a.ln;
+  const auto* recurrent = static_cast<const scalar_t*>(ln.recurrent) + n * width;
+  auto* gates = static_cast<scalar_t*>(a.gates) + n * width;
+  const auto* weight_hh = static_cast<const scalar_t*>(ln.weight_hh);
+  const auto* peephole = static_cast<const scalar_t*>(a.peephole);
+  const int64_t row = n * hidden;
+  const auto* c_prev = static_cast<const scalar_t*>(a.c_prev) + row;
+  // h_t's row holds c_t before zoneout between the passes (c may alias c_prev).
+  auto* h = static_cast<scalar_t*>(a.h) + row;
+  auto* norm_hh = kTraining ? static_cast<scalar_t*>(ln.norm_hh) + n * width : nullptr;
+
+  V mean_hh, rstd_hh;
+  row_moments(recurrent, width, scratch, mean_hh, rstd_hh);
+  for (int64_t j = threadIdx.x; j < hidden; j += blockDim.x) {
+    const auto pre = [&](int64_t offset) {
+      const V normalized = (static_cast<V>(recurrent[offset + j]) - mean_hh) * rstd_hh;
+      if constexpr (kTraining) {
+        norm_hh[offset + j] = static_cast<scalar_t>(normalized);
+      }
+      return static_cast<V>(gates[offset + j]) + static_cast<V>(weight_hh[offset + j]) * normalized;
+    };
+    const V pre_i = pre(0);
+    const GatePreActivations<V> pre_all{pre_i, coupled ? pre_i : pre(f_at), pre(g_at), pre(o_at)};
+    const CellForwardResult<V> r = lstm_variant_state_unit(
+        pre_all, static_cast<V>(c_prev[j]), variant_unit<V>(peephole, coupled, hidden, j));
+    gates[j] = static_cast<scalar_t>(r.gates.i);
+    if (!coupled) {
+      gates[f_at + j] = static_cast<scalar_t>(r.gates.f);
+    }
+    gates[g_at + j] = static_cast<scalar_t>(r.gates.g);
+    gates[o_at + j] = static_cast<scalar_t>(r.gates.o);
+    h[j] = static_cast<scalar_t>(r.c);
+  }
+  __syncthreads();  // c_t of every unit parked in h before its moments are taken
+
+  V mean_c, rstd_c;
+  row_moments(static_cast<const scalar_t*>(h), hidden, scratch, mean_c, rstd_c);
+  const auto* weight_c = static_cast<const scalar_t*>(ln.weight_c);
+  const auto* bias_c = static_cast<const scalar_t*>(ln.bias_c);
+  const auto* keep_h_mask = static_cast<const scalar_t*>(a.zoneout_h);
+  const auto* keep_c_mask = static_cast<const scalar_t*>(a.zoneout_c);
+  for (int64_t j = threadIdx.x; j < hidden; j += blockDim.x) {
+    const V c_new = static_cast<V>(h[j]);
+    const V normalized = (c_new - mean_c) * rstd_c;
+    const V c_out = static_cast<V>(weight_c[j]) * normalized + static_cast<V>(bias_c[j]);
+    V h_new = static_cast<V>(gates[o_at + j]) * Activations<V>::tanh(c_out);
+    V c = c_new;
+    if (a.zoneout) {
+      const V keep_c = keep_c_mask ? static_cast<V>(keep_c_mask[row + j]) : V(a.zoneout_p);
+      const V keep_h = keep_h_mask ? static_cast<V>(keep_h_mask[row + j]) : V(a.zoneout_p);
+      c = c_new + keep_c * (static_cast<V>(c_prev[j]) - c_new);
+      h_new = h_new +
+              keep_h * (static_cast<V>(static_cast<const scalar_t*>(a.h_prev)[row + j]) - h_new);
+      if constexpr (kTraining) {
+        static_cast<scalar_t*>(a.c_new)[row + j] = static_cast<scalar_t>(c_new);
+      }
+    }
+    if constexpr (kTraining) {
+      static_cast<scalar_t*>(ln.norm_c)[row + j] = static_cast<scalar_t>(normalized);
+    }
+    static_cast<scalar_t*>(a.c)[row + j] = static_cast<scalar_t>(c);
+    h[j] = static_cast<scalar_t>(h_new);
+  }
+  if (kTraining && threadIdx.x == 0) {
+    auto* rstd = static_cast<scalar_t*>(ln.rstd) + 2 * n;
+    rstd[0] = static_cast<scalar_t>(rstd_hh);
+    rstd[1] = static_cast<scalar_t>(rstd_c);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kLayerNormThreads)
+    layer_norm_backward_step_kernel(const BackwardStepArgs a) {
+  using V = at::opmath_type<scalar_t>;
+  __shared__ V scratch[32];
+  const int64_t n = blockIdx.x, hidden = a.hidden;
+  const bool coupled = a.coupled;
+  const int64_t width = (coupled ? 3 : 4) * hidden;
+  const int64_t f_at = hidden, g_at = (coupled ? 1 : 2) * hidden, o_at = (coupled ? 2 : 3) * hidden;
+  const auto& ln = a.ln;
+  const int64_t row = n * hidden;
+  const auto* gates = static_cast<const scalar_t*>(a.gates) + n * width;
+  const auto* norm_hh = static_cast<const scalar_t*>(ln.norm_hh) + n * width;
+  const auto* norm_c = static_cast<const scalar_t*>(ln.norm_c) + row;
+  const auto* weight_hh = static_cast<const scalar_t*>(ln.weight_hh);
+  const auto* weight_c = static_cast<const scalar_t*>(ln.weight_c);
+  const auto* bias_c = static_cast<const scalar_t*>(ln.bias_c);
+  const auto* peephole = static_cast<const scalar_t*>(a.peephole);
+  const auto* keep_h_mask = static_cast<const scalar_t*>(a.zoneout_h);
+  const auto* keep_c_mask = static_cast<const scalar_t*>(a.zoneout_c);
+  auto* d_c_out = static_cast<scalar_t*>(ln.d_c_out) + row;
+  auto* d_gates = static_cast<scalar_t*>(a.d_gates) + n * width;
+  auto* d_c = static_cast<scalar_t*>(a.d_c) + row;
+  const V rstd_hh = static_cast<V>(static_cast<const scalar_t*>(ln.rstd)[2 * n]);
+  const V rstd_c = static_cast<V>(static_cast<const scalar_t*>(ln.rstd)[2 * n + 1]);
+  // d_h_t's share not kept by zoneout, and the kept share.
+  const auto split_d_h = [&](int64_t j, V& d_h, V& kept) {
+    const V total = static_cast<V>(static_cast<const scalar_t*>(a.d_h_output)[row + j]) +
+                    static_cast<V>(static_cast<const scalar_t*>(a.d_h_recurrent)[row + j]);
+    const V keep_h = !a.zoneout ? V(0)
+                     : keep_h_mask ? static_cast<V>(keep_h_mask[row + j])
+                                   : V(a.zoneout_p);
+    kept = keep_h * total;
+    d_h = total - kept;
+  };
+  const auto tanh_c_out = [&](int64_t j) {
+    return Activations<V>::tanh(static_cast<V>(weight_c[j]) * static_cast<V>(norm_c[j]) +
+                                static_cast<V>(bias_c[j]));
+  };
+
+  V sum_d(0), sum_dn(0);
+  for (int64_t j = threadIdx.x; j < hidden; j += blockDim.x) {
+    V d_h, kept;
+    split_d_h(j, d_h, kept);
+    const V t = tanh_c_out(j);
+    const V d_out = d_h * static_cast<V>(gates[o_at + j]) * (V(1) - t * t);
+    d_c_out[j] = static_cast<scalar_t>(d_out);
+    const V d_normalized = d_out * static_cast<V>(weight_c[j]);
+    sum_d += d_normalized;
+    sum_dn += d_normalized * static_cast<V>(norm_c[j]);
+  }
+  const V mean_d_c = block_sum(sum_d, scratch) / static_cast<V>(hidden);
+  const V mean_dn_c = block_sum(sum_dn, scratch) / static_cast<V>(hidden);
+
+  V sum_d_hh(0), sum_dn_hh(0);
+  for (int64_t j = threadIdx.x; j < hidden; j += blockDim.x) {
+    V d_h, kept;
+    split_d_h(j, d_h, kept);
+    const V i = static_cast<V>(gates[j]), o = static_cast<V>(gates[o_at + j]);
+    const GateActivations<V> act{i, coupled ? V(1) - i : static_cast<V>(gates[f_at + j]),
+                                 static_cast<V>(gates[g_at + j]), o};
+    const V t = tanh_c_out(j);
+    const V d_o = d_h * t * o * (V(1) - o);
+    const V d_c_ln = layer_norm_input_gradient(
+        static_cast<V>(d_c_out[j]) * static_cast<V>(weight_c[j]), static_cast<V>(norm_c[j]),
+        rstd_c, mean_d_c, mean_dn_c);
+    V d_c_t = static_cast<V>(d_c[j]);
+    V d_c_kept(0);
+    if (a.zoneout) {
+      const V keep_c = keep_c_mask ? static_cast<V>(keep_c_mask[row + j]) : V(a.zoneout_p);
+      d_c_kept = keep_c * d_c_t;
+      d_c_t = d_c_t - d_c_kept;
+      // After this thread's last read of d_h_recurrent[j], which d_h_prev may alias.
+      static_cast<scalar_t*>(a.d_h_prev)[row + j] = static_cast<scalar_t>(kept);
+    }
+    const CellBackwardResult<V> r = lstm_variant_gate_gradients(
+        act, static_cast<V>(static_cast<const scalar_t*>(a.c_prev)[row + j]), d_o,
+        d_c_t + d_c_ln, variant_unit<V>(peephole, coupled, hidden, j));
+    d_c[j] = static_cast<scalar_t>(r.d_c_prev + d_c_kept);
+    const auto gate = [&](int64_t offset, V d_pre) {
+      d_gates[offset + j] = static_cast<scalar_t>(d_pre);
+      const V d_normalized = d_pre * static_cast<V>(weight_hh[offset + j]);
+      sum_d_hh += d_normalized;
+      sum_dn_hh += d_normalized * static_cast<V>(norm_hh[offset + j]);
+    };
+    gate(0, r.d_i);
+    if (!coupled) {
+      gate(f_at, r.d_f);
+    }
+    gate(g_at, r.d_g);
+    gate(o_at, r.d_o);
+  }
+  const V mean_d_hh = block_sum(sum_d_hh, scratch) / static_cast<V>(width);
+  const V mean_dn_hh = block_sum(sum_dn_hh, scratch) / static_cast<V>(width);
+
+  auto* d_recurrent = static_cast<scalar_t*>(ln.d_recurrent) + n * width;
+  for (int64_t e = threadIdx.x; e < width; e += blockDim.x) {
+    d_recurrent[e] = static_cast<scalar_t>(layer_norm_input_gradient(
+        static_cast<V>(d_gates[e]) * static_cast<V>(weight_hh[e]), static_cast<V>(norm_hh[e]),
+        rstd_hh, mean_d_hh, mean_dn_hh));
+  }
+}
+
 // The GRU's passes (gates rows [r | z | n]). `d_h` is read and overwritten in place by the unit
 // that owns the element (gradient of h_t in, the direct part of h_{t-1}'s out).
 template <typename scalar_t, bool kTraining>
@@ -290,6 +526,13 @@ void launch_forward_step(const ForwardStepArgs& a) {
   const auto* c_prev = static_cast<const scalar_t*>(a.c_prev);
   auto* c = static_cast<scalar_t*>(a.c);
   auto* h = static_cast<scalar_t*>(a.h);
+  if (a.layer_norm) {
+    const auto kernel = a.training ? &layer_norm_forward_step_kernel<scalar_t, true>
+                                   : &layer_norm_forward_step_kernel<scalar_t, false>;
+    kernel<<<static_cast<unsigned int>(a.batch), kLayerNormThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   if (a.peephole != nullptr || a.coupled || a.zoneout) {
     const auto kernel = a.training ? &variant_forward_step_kernel<scalar_t, true>
                                    : &variant_forward_step_kernel<scalar_t, false>;
@@ -315,6 +558,12 @@ void launch_backward_step(const BackwardStepArgs& a) {
     return;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (a.layer_norm) {
+    layer_norm_backward_step_kernel<scalar_t>
+        <<<static_cast<unsigned int>(a.batch), kLayerNormThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   if (a.peephole != nullptr || a.coupled || a.zoneout) {
     variant_backward_step_kernel<scalar_t><<<blocks_for(units), kThreadsPerBlock, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -39,6 +39,7 @@ import importlib.util
 import io
 import itertools
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -459,6 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"({MIN_AUTO_REPS} to {MAX_AUTO_REPS})",
     )
     how.add_argument("--warmup", type=int, default=1, help="untimed rounds before the check round")
+    how.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="K",
+        help="run K busy-loop processes (one core's worth of load each) for the whole run: "
+        "every variant timed under the same load, as when a data loader shares the cores",
+    )
     how.add_argument(
         "--target-time",
         type=float,
@@ -1508,6 +1517,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--warmup must be >= 0, --reps and --layers >= 1")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    if args.busy < 0:
+        parser.error("--busy must be >= 0")
     if args.plot and not bu.require_matplotlib():
         return 2
     device, problem = bu.select_device(args.device)
@@ -1536,6 +1547,10 @@ def main(argv: list[str] | None = None) -> int:
 
     previous_threads = torch.get_num_threads()
     previous_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    # --busy: the load, started before anything is timed and stopped whatever happens.
+    load = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)
+    ]
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
@@ -1545,6 +1560,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = args.allow_tf32
         return _run(args, device, dtype, variants, shapes, sweep)
     finally:
+        for process in load:
+            process.kill()
+            process.wait()
         torch.set_num_threads(previous_threads)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous_tf32
 
@@ -1561,7 +1579,10 @@ def _run(
     env = bu.environment(str(device))
     print(bu.format_environment(env), flush=True)
     warning = bu.busy_machine_warning(env)
-    if warning:
+    if args.busy:
+        print(f"load        {args.busy} busy-loop process(es) running throughout (--busy)",
+              flush=True)
+    elif warning:
         print(warning, flush=True)
     reps_text = (
         str(args.reps)

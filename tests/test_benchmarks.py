@@ -224,6 +224,48 @@ def test_low_precision_rule_against_float64(bench: ModuleType) -> None:
     assert verdict["correct"] is False
 
 
+def test_float32_beyond_tolerance_is_arbitrated_by_float64(bench: ModuleType) -> None:
+    """float32 results that disagree beyond tolerance: lstm_ext passes only if it is no further
+    from the float64 oracle than the baseline it disagrees with."""
+    shape = bench.Shape(3, 2, 4, 4)
+    work = bench.Workload(shape, torch.float32, torch.device("cpu"), seed=0, training=True)
+    names = work.tensor_names()
+    good = work.make_step(bench.CPU_BASELINES[1], "eager")()
+    outputs, grads = good
+    off = (tuple(t + 1e-3 for t in outputs), grads)
+    # The baseline is the one that is off: lstm_ext, closer to float64, passes.
+    verdict = bench._correctness(work, {"lstm_ext": good, "torch_native": off}, names,
+                                 torch.float32)
+    assert verdict["comparisons"]["torch_native"]["within_tolerance"] is False
+    assert verdict["correct"] is True
+    assert verdict["oracle"]["against"] == "torch_native"
+    # lstm_ext is the one that is off: it fails.
+    verdict = bench._correctness(work, {"lstm_ext": off, "torch_native": good}, names,
+                                 torch.float32)
+    assert verdict["correct"] is False
+
+
+def test_bench_busy_runs_under_load_and_stops_it(bench: ModuleType, tmp_path: Path) -> None:
+    started = []
+    real_popen = bench.subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    bench.subprocess.Popen = popen
+    try:
+        code, payload = _run_bench(bench, tmp_path, *TINY, "--warmup", "0", "--modes",
+                                   "inference", "--busy", "1")
+    finally:
+        bench.subprocess.Popen = real_popen
+    assert code == 0
+    assert payload["config"]["busy"] == 1
+    # (Other Popen calls are the environment's: git, uname.)
+    load = [p for p in started if p.args[-1:] == ["while True: pass"]]
+    assert len(load) == 1 and load[0].poll() is not None  # killed at the end
+
+
 def test_bench_compile_variant_reports_compile_time(bench: ModuleType, tmp_path: Path) -> None:
     # The "eager" backend exercises the compile path without a C++ compiler's minutes.
     code, payload = _run_bench(

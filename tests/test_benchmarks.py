@@ -387,6 +387,21 @@ def test_bench_cuda_without_gpu_is_a_clear_error(
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
+def test_bench_bandwidth_reports_fractions(tmp_path: Path) -> None:
+    bandwidth = _load("bench_bandwidth")
+    path = tmp_path / "bw.json"
+    argv = ["--batch-sizes", "1,2", "--hidden-sizes", "16", "--steps", "3", "--rounds", "2",
+            "--json", str(path)]
+    assert bandwidth.main(argv) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["hidden"], r["batch"]) for r in rows] == [(16, 1), (16, 2)]
+    for row in rows:
+        assert row["w_hh_bytes"] == 4 * 16 * 16 * 4
+        assert row["read_bytes_per_s"] > 0
+        expected = row["w_hh_bytes"] / row["read_bytes_per_s"]
+        assert row["limit_s"] == pytest.approx(expected, rel=1e-4)  # JSON keeps 6 digits
+
+
 def test_summarize_quartiles() -> None:
     utils = _load("_bench_utils")
     assert utils.summarize([2.0]) == {"median": 2.0, "q1": 2.0, "q3": 2.0, "min": 2.0, "max": 2.0}

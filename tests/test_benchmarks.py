@@ -396,9 +396,9 @@ def test_bench_bandwidth_reports_fractions(tmp_path: Path) -> None:
     rows = json.loads(path.read_text())["results"]
     assert [(r["hidden"], r["batch"]) for r in rows] == [(16, 1), (16, 2)]
     for row in rows:
-        assert row["w_hh_bytes"] == 4 * 16 * 16 * 4
+        assert row["weight_bytes"] == 4 * 16 * (16 + 16) * 4  # W_ih and W_hh, C = H
         assert row["read_bytes_per_s"] > 0
-        expected = row["w_hh_bytes"] / row["read_bytes_per_s"]
+        expected = row["weight_bytes"] / row["read_bytes_per_s"]
         assert row["limit_s"] == pytest.approx(expected, rel=1e-4)  # JSON keeps 6 digits
 
 

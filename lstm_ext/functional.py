@@ -14,7 +14,6 @@ batch (the sum of its batch_sizes).
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Sequence
 
 import torch

@@ -763,9 +763,9 @@ def _lstm_cell_backward_vmap(info, in_dims, *args):
 
 
 # ----------------------------------------------------------------------------------------------
-# The GRU's ops: wrappers, fake kernels and first-order autograd. Their gradients run the fused
-# backward ops; unlike the LSTM's they are first order only (differentiating a gradient raises,
-# see _first_order_only) and have no vmap rule or forward mode yet.
+# The GRU's ops: wrappers, fake kernels and autograd. Their gradients run the fused backward ops;
+# differentiated again they go through the reference's ops (see _differentiable_by_reference).
+# No vmap rule or forward mode yet.
 
 
 def gru_forward(
@@ -862,51 +862,77 @@ def _gru_cell_backward_fake(grad_h, input, hx, w_ih, w_hh, saved_gates, saved_hi
     )
 
 
-def _first_order_only(name: str) -> Callable:
-    """Decorator for a backward computation that is not differentiable itself (the GRU's and the
-    LSTM variants' fused backward ops): runs it without recording, and when the backward builds a
-    graph (create_graph=True, torch.func.grad) returns gradients that raise if differentiated.
+class _GradientPair:
+    """A layer's first-order gradients two ways: `fused(*values)` with its fused backward op (not
+    differentiable), `reference(*values)` in the reference's plain ops (differentiable to any
+    order). values: the incoming gradients, then the layer's differentiable inputs (None where
+    absent); both return the gradients of those inputs, None for absent ones."""
 
-    torch.autograd.function.once_differentiable alone is not enough: it marks the gradients only
-    when the incoming gradients require grad, so for a loss linear in the outputs (``out.sum()``)
-    it returns plain tensors, and a gradient penalty built on them silently contributes nothing.
-    The marking is what once_differentiable does (torch's DelayedError node), done always.
+    def __init__(self, fused: Callable, reference: Callable) -> None:
+        self.fused, self.reference = fused, reference
+
+
+class _DifferentiableGradients(torch.autograd.Function):
+    """The fused first-order gradients as a function of (incoming gradients, inputs), whose own
+    derivative is the reference's: double backward, gradient penalties and torch.func's nested
+    transforms differentiate the GRU and the LSTM variants through it, at the reference's speed,
+    while the first order keeps the fused op's. ``apply(pair, *values)``."""
+
+    @staticmethod
+    def forward(pair: _GradientPair, *values: Tensor | None) -> tuple[Tensor | None, ...]:
+        return tuple(pair.fused(*values))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        pair, *values = inputs
+        ctx.pair = pair
+        ctx.save_for_backward(*values)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: Tensor | None) -> tuple:
+        values = ctx.saved_tensors
+        if all(ct is None for ct in cotangents):
+            return (None,) * (1 + len(values))
+        return (None, *_vjp(ctx.pair.reference, tuple(values), cotangents))
+
+
+def _differentiable_by_reference(reference_of: Callable) -> Callable:
+    """Decorator for the first-order gradients ``function(ctx, *incoming)`` of a layer whose
+    fused backward op is not differentiable itself (the GRU's, the LSTM variants').
+
+    A plain backward runs the op. When the backward builds a graph (create_graph=True, a
+    torch.func transform), the gradients come from :class:`_DifferentiableGradients`: the same op
+    values, differentiable further through ``reference_of(ctx)``, which returns (the layer's
+    differentiable inputs, a function of (*incoming, *inputs) giving the same gradients in the
+    reference's ops). (Under torch.compile, which builds no higher-order graph, the op alone.)
     """
 
     def decorate(function: Callable) -> Callable:
         @functools.wraps(function)
-        def first_order(*args: Any) -> tuple:
-            with torch.no_grad():
-                grads = function(*args)
-            if not torch.is_grad_enabled():
-                return grads
-            message = (
-                f"lstm_ext: {name} cannot be differentiated twice yet (no double backward); "
-                "torch.nn's modules can (convert with to_torch() where one exists)"
-            )
-            if torch._C._are_functorch_transforms_active():
-                # torch.func: one grad level (torch.func.grad, vjp) is first order, and its
-                # wrapped tensors cannot be marked; a second one would differentiate these.
-                levels = [
-                    i for i in torch._C._functorch.get_interpreter_stack()
-                    if i.key() in (torch._C._functorch.TransformType.Grad,
-                                   torch._C._functorch.TransformType.Jvp)
-                ]
-                if len(levels) > 1:
-                    raise RuntimeError(message)
-                return grads
-            present = [g for g in grads if g is not None]
-            if not present:
-                return grads
-            marked = torch._C._functions.DelayedError(message, len(present))(
-                *[g.detach().requires_grad_() for g in present]
-            )
-            marked = iter(marked if isinstance(marked, tuple) else (marked,))
-            return tuple(None if g is None else next(marked) for g in grads)
+        def gradients(ctx: Any, *incoming: Tensor | None) -> tuple:
+            if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+                with torch.no_grad():
+                    return function(ctx, *incoming)
+            inputs, reference = reference_of(ctx)
+            count = len(incoming)
+            pair = _GradientPair(lambda *values: function(ctx, *values[:count]), reference)
+            return _DifferentiableGradients.apply(pair, *incoming, *inputs)
 
-        return first_order
+        return gradients
 
     return decorate
+
+
+def _reference_gradients(layer: Callable, cotangent_count: int) -> Callable:
+    """The gradients of ``layer(*inputs)`` (a tuple of outputs) for (*cotangents, *inputs), in
+    differentiable ops."""
+
+    def gradients(*values: Tensor | None) -> list[Tensor | None]:
+        cotangents, inputs = values[:cotangent_count], values[cotangent_count:]
+        return _vjp(layer, tuple(inputs), tuple(cotangents))
+
+    return gradients
 
 
 _GruLayerInputs = tuple  # (input, h0, w_ih, w_hh, b_ih, b_hh); b_* may be None
@@ -923,7 +949,19 @@ def _save_gru_layer(
     ctx.set_materialize_grads(False)
 
 
-@_first_order_only("the GRU")
+def _gru_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
+    from lstm_ext import reference
+
+    input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes = ctx.saved_tensors[:7]
+
+    def layer(input, h0, w_ih, w_hh, b_ih, b_hh):
+        return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, reverse=ctx.reverse,
+                                   batch_sizes=batch_sizes)
+
+    return (input, h0, w_ih, w_hh, b_ih, b_hh), _reference_gradients(layer, 2)
+
+
+@_differentiable_by_reference(_gru_layer_reference)
 def _gru_layer_gradients(
     ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None
 ) -> tuple[Tensor | None, ...]:
@@ -953,7 +991,16 @@ def _save_gru_cell(ctx: Any, inputs: _GruCellInputs, output: tuple) -> None:
     ctx.set_materialize_grads(False)
 
 
-@_first_order_only("the GRU cell")
+def _gru_cell_reference(ctx: Any) -> tuple[tuple, Callable]:
+    from lstm_ext import reference
+
+    def cell(input, hx, w_ih, w_hh, b_ih, b_hh):
+        return (reference.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh),)
+
+    return tuple(ctx.saved_tensors[:6]), _reference_gradients(cell, 1)
+
+
+@_differentiable_by_reference(_gru_cell_reference)
 def _gru_cell_gradients(ctx: Any, grad_h: Tensor | None) -> tuple[Tensor | None, ...]:
     """The gradients of one GRU step, in _GruCellInputs' order."""
     input, hx, w_ih, w_hh, b_ih, b_hh, saved_gates, saved_hidden_n = ctx.saved_tensors
@@ -971,7 +1018,8 @@ def _gru_cell_gradients(ctx: Any, grad_h: Tensor | None) -> tuple[Tensor | None,
 
 
 class GruLayerFunction(torch.autograd.Function):
-    """One GRU layer in one direction (``gru_forward`` with training=True), differentiable once.
+    """One GRU layer in one direction (``gru_forward`` with training=True), differentiable to any
+    order (beyond the first through the reference).
 
     ``GruLayerFunction.apply(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)`` returns
     ``gru_forward``'s four outputs.
@@ -992,7 +1040,7 @@ class GruLayerFunction(torch.autograd.Function):
 
 
 class GruCellFunction(torch.autograd.Function):
-    """One GRU step (``gru_cell_forward`` with training=True), differentiable once.
+    """One GRU step (``gru_cell_forward`` with training=True), differentiable to any order.
 
     ``GruCellFunction.apply(input, hx, w_ih, w_hh, b_ih, b_hh)`` returns (h, saved_gates,
     saved_hidden_n).
@@ -1063,7 +1111,8 @@ for _name in ("_gru_backward", "_gru_cell_backward"):
 
 # ----------------------------------------------------------------------------------------------
 # The LSTM variants' op (peepholes, coupled input and forget gates): wrapper, fake kernel and
-# first-order autograd. Once-differentiable, without vmap rule or forward mode, as the GRU's.
+# autograd, as the GRU's: beyond the first order through the reference; no vmap rule or forward
+# mode.
 
 
 def lstm_variant_forward(
@@ -1166,7 +1215,32 @@ def _save_variant_layer(
     ctx.set_materialize_grads(False)
 
 
-@_first_order_only("an LSTM variant")
+def _zoneout_options(zoneout_h: Tensor | None, zoneout_c: Tensor | None, zoneout: float,
+                     hidden: int) -> dict[str, Any]:
+    """The reference's zoneout arguments for an op call's (masks per step, or eval's p)."""
+    if zoneout_h is None:
+        return dict(zoneout=zoneout, training=False)
+    return dict(training=True, zoneout_masks=(zoneout_h.reshape(-1, hidden),
+                                              zoneout_c.reshape(-1, hidden)))
+
+
+def _variant_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
+    from lstm_ext import reference
+
+    *inputs, batch_sizes, zoneout_h, zoneout_c = ctx.saved_tensors[:12]
+    hidden = inputs[2].shape[-1]
+    options = _zoneout_options(zoneout_h, zoneout_c, ctx.zoneout, hidden)
+
+    def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr):
+        return reference.lstm_variant_layer(
+            input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse=ctx.reverse, w_hr=w_hr,
+            batch_sizes=batch_sizes, peephole=peephole, coupled_gates=ctx.coupled, **options,
+        )
+
+    return tuple(inputs), _reference_gradients(layer, 3)
+
+
+@_differentiable_by_reference(_variant_layer_reference)
 def _variant_layer_gradients(
     ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None
 ) -> tuple[Tensor | None, ...]:
@@ -1201,7 +1275,7 @@ class LstmVariantLayerFunction(torch.autograd.Function):
 
     ``LstmVariantLayerFunction.apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr,
     coupled_gates, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout)`` returns its six
-    outputs; differentiable once.
+    outputs; differentiable to any order (beyond the first through the reference).
     """
 
     @staticmethod
@@ -1357,24 +1431,39 @@ def _save_layernorm_layer(
 ) -> None:
     coupled, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout = config
     out, _h_n, _c_n, *saved = output
-    # The backward needs input_part itself only to recompute a forward run with training=False
-    # (which saved nothing); otherwise keeping it would hold a [T, N, G*H] tensor for nothing.
-    recompute_from = inputs[0] if saved[0].numel() == 0 and out.numel() > 0 else None
-    ctx.save_for_backward(recompute_from, *inputs[1:], batch_sizes, zoneout_h, zoneout_c, out,
-                          *saved)
+    # input_part itself: for a double backward (the reference differentiates through it) and to
+    # recompute a forward run with training=False, which saved nothing.
+    ctx.save_for_backward(*inputs, batch_sizes, zoneout_h, zoneout_c, out, *saved)
     ctx.coupled, ctx.reverse, ctx.zoneout = coupled, reverse, zoneout
     ctx.mark_non_differentiable(*saved)
     ctx.set_materialize_grads(False)
 
 
-@_first_order_only("the layer-norm LSTM")
+def _layernorm_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
+    from lstm_ext import reference
+
+    (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, batch_sizes, zoneout_h,
+     zoneout_c) = ctx.saved_tensors[:11]
+    options = _zoneout_options(zoneout_h, zoneout_c, ctx.zoneout, c0.shape[-1])
+
+    def recurrence(input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole):
+        return reference.lstm_layernorm_recurrence(
+            input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, reverse=ctx.reverse,
+            batch_sizes=batch_sizes, peephole=peephole, coupled_gates=ctx.coupled, **options,
+        )
+
+    inputs = (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole)
+    return inputs, _reference_gradients(recurrence, 3)
+
+
+@_differentiable_by_reference(_layernorm_layer_reference)
 def _layernorm_layer_gradients(
     ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None
 ) -> tuple[Tensor | None, ...]:
     """The gradients of one layer-norm layer, in _LayerNormInputs' order."""
     (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, batch_sizes, zoneout_h,
      zoneout_c, out, *saved) = ctx.saved_tensors
-    if input_part is not None:
+    if saved[0].numel() == 0 and out.numel() > 0:
         # Called with training=False yet differentiated: recompute (see _layer_gradients).
         out, _, _, *saved = lstm_layernorm_forward(
             input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, ctx.coupled,
@@ -1396,7 +1485,7 @@ class LstmLayerNormLayerFunction(torch.autograd.Function):
 
     ``LstmLayerNormLayerFunction.apply(input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c,
     peephole, coupled_gates, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout)`` returns its
-    nine outputs; differentiable once.
+    nine outputs; differentiable to any order (beyond the first through the reference).
     """
 
     @staticmethod

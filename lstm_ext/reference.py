@@ -29,6 +29,7 @@ __all__ = [
     "lstm",
     "lstm_cell",
     "lstm_layer",
+    "lstm_layernorm_recurrence",
     "lstm_variant_cell",
     "lstm_variant_layer",
     "zoneout_masks",
@@ -576,10 +577,60 @@ def lstm_variant_layer(
     hidden = c0.size(-1)
     _check_variant(hidden, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, coupled_gates, layer_norm,
                    zoneout, training, zoneout_masks)
-    input_part = _variant_input_part(input, w_ih, b_ih, b_hh, layer_norm)
+    return _variant_recurrence(
+        _variant_input_part(input, w_ih, b_ih, b_hh, layer_norm), h0, c0, w_hh, reverse, w_hr,
+        batch_sizes, peephole, coupled_gates, layer_norm, zoneout, training, zoneout_masks,
+    )
+
+
+def lstm_layernorm_recurrence(
+    input_part: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    weight_hh: Tensor,
+    weight_c: Tensor,
+    bias_c: Tensor,
+    *,
+    reverse: bool = False,
+    batch_sizes: Tensor | None = None,
+    peephole: Tensor | None = None,
+    coupled_gates: bool = False,
+    zoneout: float = 0.0,
+    training: bool = False,
+    zoneout_masks: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The recurrence of a layer-norm :func:`lstm_variant_layer` from the input's share of the
+    pre-activations, ``input_part = layer_norm(x W_ih^T) weight_ih + b_ih + b_hh`` ``[T, N, G*H]``
+    (packed ``[rows, G*H]``): what ``lstm_ext::lstm_layernorm_forward`` computes. weight_hh
+    ``[G*H]``, weight_c and bias_c ``[H]`` are layer_norm's other three entries; the options as
+    lstm_variant_layer's."""
+    layer_norm = {"weight_hh": weight_hh, "weight_c": weight_c, "bias_c": bias_c}
+    _check_zoneout(zoneout)
+    return _variant_recurrence(input_part, h0, c0, w_hh, reverse, None, batch_sizes, peephole,
+                               coupled_gates, layer_norm, zoneout, training, zoneout_masks)
+
+
+def _variant_recurrence(
+    input_part: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    reverse: bool,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    peephole: Tensor | None,
+    coupled_gates: bool,
+    layer_norm: dict[str, Tensor] | None,
+    zoneout: float,
+    training: bool,
+    zoneout_masks: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """lstm_variant_layer's time loop, from the input's share of the pre-activations."""
+    hidden = c0.size(-1)
     batch = h0.size(0)
     steps, sizes, order = _time_steps(input_part, batch, batch_sizes, reverse)
-    keep = _zoneout_keep(zoneout, training, zoneout_masks, sum(sizes), hidden, input)
+    keep = _zoneout_keep(zoneout, training, zoneout_masks, sum(sizes), hidden, input_part)
     if keep is None:
         keeps: list[tuple[Tensor | float, Tensor | float] | None] = [None] * len(steps)
     elif training:

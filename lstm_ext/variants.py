@@ -24,7 +24,8 @@ recurrences). A layer with layer norm computes the input's share of its pre-acti
 steps in plain ops (one GEMM, one layer_norm) and runs the recurrence on the fused
 ``lstm_ext::lstm_layernorm_forward`` op, whose steps are an ATen GEMM and one pointwise pass per
 row (CPU SIMD, one CUDA block per row) that normalizes the recurrent product and c_t in place.
-The variants' ops are differentiable once (no double backward, vmap rule or forward mode yet).
+Their gradients run the fused backward ops; differentiated again (double backward, torch.func's
+nested grad) they go through the reference's ops. No vmap rule or forward mode yet.
 """
 
 from __future__ import annotations

@@ -637,13 +637,36 @@ def test_modules_run_lstm_ext_operators_not_torch_gru():
     assert not [op for op in ops_run if "gru" in op and not op.startswith("lstm_ext.")], ops_run
 
 
-def test_double_backward_is_refused():
-    # Documented as not supported yet: the GRU's autograd is once differentiable.
-    gru = lstm_ext.GRU(3, 4).double()
-    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(gru(x)[0].square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
-        grad.sum().backward()
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_second_order_matches_torch(packed):
+    # The fused first order, differentiated further through the reference: double backward and
+    # a gradient penalty of a loss linear in the outputs, against torch.nn.GRU's own.
+    torch.manual_seed(0)
+    gru = lstm_ext.GRU(3, 4, 2, bidirectional=True).double()
+    theirs = gru.to_torch()
+    cell = lstm_ext.GRUCell(3, 4).double()
+    their_cell = cell.to_torch()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def run(module):
+        if packed:
+            return module(pack_padded_sequence(x, [5, 3], enforce_sorted=False))[0].data
+        return module(x)[0]
+
+    def second(output_of, module):
+        results = []
+        for loss_of in (lambda out: out.square().sum(), lambda out: out.sum()):
+            output = output_of()
+            (grad,) = torch.autograd.grad(loss_of(output), x, create_graph=True)
+            results += torch.autograd.grad(loss_of(output) + grad.square().sum(),
+                                           [x, *module.parameters()])
+        return results
+
+    for a, e in zip(second(lambda: run(gru), gru), second(lambda: run(theirs), theirs)):
+        assert_close(a, e, torch.float64, "GRU second order")
+    for a, e in zip(second(lambda: cell(x[0]), cell),
+                    second(lambda: their_cell(x[0]), their_cell)):
+        assert_close(a, e, torch.float64, "GRUCell second order")
 
 
 def test_forward_mode_ad_is_refused_not_silently_zero():

@@ -922,37 +922,78 @@ def test_forward_mode_ad_is_refused(options):
             f(torch.autograd.forward_ad.make_dual(sample, torch.ones_like(sample)))
 
 
-ONCE_DIFFERENTIABLE = [dict(peephole=True), dict(coupled_gates=True, peephole=True),
-                       dict(zoneout=0.3), dict(layer_norm=True, peephole=True)]
+SECOND_ORDER = {
+    "peephole": dict(peephole=True),
+    "coupled-peephole-packed": dict(coupled_gates=True, peephole=True, packed=True),
+    "zoneout_train": dict(zoneout=0.3),
+    "zoneout_eval": dict(zoneout=0.3, train=False),
+    "layer_norm-peephole": dict(layer_norm=True, peephole=True),
+    "layer_norm-coupled-zoneout_train-packed": dict(layer_norm=True, coupled_gates=True,
+                                                     zoneout=0.2, packed=True),
+}
 
 
-@pytest.mark.parametrize("options", ONCE_DIFFERENTIABLE, ids=str)
-def test_double_backward_is_refused(options):
-    x = torch.randn(4, 2, 5, dtype=f64, requires_grad=True)
-    for module, sample in ((lstm_ext.LSTM(5, 3, dtype=f64, **options), x),
-                           (lstm_ext.LSTMCell(5, 3, dtype=f64, **options), x[0])):
-        (grad,) = torch.autograd.grad(module(sample)[0].square().sum(), x, create_graph=True)
-        with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
-            grad.sum().backward()
+def _second_order(run, module, x):
+    """d/d(x, params) of ||d loss / d x||^2 for loss = sum of squares of run()'s output, and of
+    the gradient penalty of a loss linear in the outputs (whose backward gets grad_outputs that do
+    not require grad)."""
+    wrt = [x, *module.parameters()]
+    results = []
+    for loss_of in (lambda out: out.square().sum(), lambda out: out.sum()):
+        torch.manual_seed(SEED)  # zoneout's masks
+        output = run()
+        (grad,) = torch.autograd.grad(loss_of(output), x, create_graph=True)
+        results += torch.autograd.grad(loss_of(output) + grad.square().sum(), wrt)
+    return results
 
 
-@pytest.mark.parametrize("make", [
-    lambda: lstm_ext.LSTM(5, 3, dtype=f64, peephole=True),
-    lambda: lstm_ext.LSTM(5, 3, dtype=f64, zoneout=0.2).eval(),
-    lambda: lstm_ext.LSTM(5, 3, dtype=f64, layer_norm=True),
-    lambda: lstm_ext.GRU(5, 3, dtype=f64),
-], ids=["peephole", "zoneout", "layer_norm", "gru"])
-def test_double_backward_of_a_linear_loss_is_refused(make):
-    # A loss linear in the outputs gives backward grad_outputs that do not require grad: the
-    # gradient must still refuse to be differentiated, not come back as a constant (a gradient
-    # penalty built on it would silently contribute nothing).
-    module = make()
-    x = torch.randn(4, 2, 5, dtype=f64, requires_grad=True)
-    loss = module(x)[0].sum()
-    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
-    assert grad.requires_grad
-    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
-        (loss + grad.square().sum()).backward()
+@pytest.mark.parametrize("options", SECOND_ORDER.values(), ids=SECOND_ORDER.keys())
+def test_second_order_matches_oracle(options):
+    # The fused first order, differentiated further through the reference (double backward).
+    options = dict(options)
+    packed, train = options.pop("packed", False), options.pop("train", True)
+    torch.manual_seed(0)
+    lstm = lstm_ext.LSTM(5, 3, 2, bidirectional=True, dtype=f64, **options).train(train)
+    cell = lstm_ext.LSTMCell(5, 3, dtype=f64, **options).train(train)
+    x = torch.randn(4, 3, 5, dtype=f64, requires_grad=True)
+    if packed:
+        lengths = [4, 2, 3]
+
+        def run():
+            sequence = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            return lstm(sequence)[0].data
+
+        def oracle():
+            sequence = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            return _oracle_lstm(lstm, sequence)[0]  # the packed data already
+    else:
+        def run():
+            return lstm(x)[0]
+
+        def oracle():
+            return _oracle_lstm(lstm, x)[0]
+
+    results = _second_order(run, lstm, x), _second_order(oracle, lstm, x)
+    _compare(*results, range(len(results[0])), f64, "second order")
+    results = (_second_order(lambda: cell(x[0])[0], cell, x),
+               _second_order(lambda: _oracle_cell(cell, x[0])[0], cell, x))
+    _compare(*results, range(len(results[0])), f64, "cell second order")
+
+
+def test_torch_func_grad_of_grad_matches_oracle():
+    lstm = lstm_ext.LSTM(5, 3, dtype=f64, peephole=True, layer_norm=True)
+    x = torch.randn(4, 2, 5, dtype=f64)
+    params = {name: p.detach() for name, p in lstm.named_parameters()}
+
+    def penalty(run):
+        def inner(s):
+            return run(s).square().sum()
+
+        return torch.func.grad(lambda s: torch.func.grad(inner)(s).square().sum())(x)
+
+    ours = penalty(lambda s: torch.func.functional_call(lstm, params, (s,))[0])
+    expected = penalty(lambda s: _oracle_lstm(lstm, s)[0])
+    _compare([ours], [expected], ["grad of grad"], f64, "torch.func")
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])

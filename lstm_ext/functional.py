@@ -178,7 +178,6 @@ def lstm(
             raise RuntimeError(
                 f"lstm_ext.LSTM({variant.extra_repr()}): the LSTM variants have no ONNX export yet"
             )
-        _refuse_forward_mode("LSTM variants", input, *hx, *weights, *extra_tensors)
     if len(hx) != 2:
         raise RuntimeError("lstm expects two hidden states")
     h0, c0 = hx
@@ -217,7 +216,7 @@ def lstm(
         x = input
 
     training = _needs_grad(input, h0, c0, *weights, *extra_tensors) or _forward_mode_active(
-        input, h0, c0, *weights
+        input, h0, c0, *weights, *extra_tensors
     )
     # torch.onnx.export: lstm_ext.onnx's stand-in writes each layer as an ONNX LSTM node (an
     # export computes no gradients, so no autograd Function is traced).
@@ -339,10 +338,10 @@ def lstm_cell(
                 f"lstm_ext.LSTMCell({variant.extra_repr()}): the LSTM variants have no ONNX "
                 "export yet"
             )
-        _refuse_forward_mode("LSTMCell variants", input, h, c, w_ih, w_hh, b_ih, b_hh, *extras)
+        tensors = (input, h, c, w_ih, w_hh, b_ih, b_hh, *extras)
         _, h_new, c_new = variants.run_variant_layer(
             variant, variant_weights or {}, input.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh,
-            None, None, False, train, _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh, *extras),
+            None, None, False, train, _needs_grad(*tensors) or _forward_mode_active(*tensors),
         )
     elif lstm_onnx.in_onnx_export():
         # torch.onnx.export: lstm_ext.onnx's stand-in writes the step as an ONNX LSTM node.
@@ -355,16 +354,6 @@ def lstm_cell(
         with _below_autograd():
             h_new, c_new, _ = ops.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, False)
     return h_new, c_new
-
-
-def _refuse_forward_mode(name: str, *tensors: Tensor | None) -> None:
-    """Raises where forward-mode AD would reach ops that have no forward mode yet (the GRU's, the
-    LSTM variants'), rather than let them compute zero tangents (see _forward_mode_active)."""
-    if _forward_mode_active(*tensors):
-        raise NotImplementedError(
-            f"lstm_ext.{name} has no forward-mode AD yet (torch.func.jvp, jacfwd, hessian, "
-            "torch.autograd.forward_ad); use reverse mode, or convert it with to_torch()."
-        )
 
 
 _GRU_ONNX_ERROR = (
@@ -403,7 +392,6 @@ def gru(
     """
     if lstm_onnx.in_onnx_export():
         raise RuntimeError(_GRU_ONNX_ERROR.format("GRU"))
-    _refuse_forward_mode("GRU", input, hx, *weights)
     directions = 2 if bidirectional else 1
     per_cell = 4 if has_biases else 2
     cells = num_layers * directions
@@ -438,7 +426,7 @@ def gru(
         x = input
     _check_gemm_dtype(h0, weights[1], has_biases)
 
-    training = _needs_grad(input, h0, *weights)
+    training = _needs_grad(input, h0, *weights) or _forward_mode_active(input, h0, *weights)
     layer_input = x
     h_n = []
     for layer in range(num_layers):
@@ -485,7 +473,6 @@ def gru_cell(
     """
     if lstm_onnx.in_onnx_export():
         raise RuntimeError(_GRU_ONNX_ERROR.format("GRUCell"))
-    _refuse_forward_mode("GRUCell", input, hx, w_ih, w_hh, b_ih, b_hh)
     # ATen's check_rnn_cell_forward_input / _hidden, then its GEMMs' dtype checks.
     if input.size(1) != w_ih.size(1):
         raise RuntimeError(
@@ -510,7 +497,9 @@ def gru_cell(
                 "Expected all tensors to be on the same device, but found at least two devices, "
                 f"{tensor.device} and {input.device}!"
             )
-    if _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh):
+    if _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh) or _forward_mode_active(
+        input, hx, w_ih, w_hh, b_ih, b_hh
+    ):
         h_new, _, _ = ops.apply_gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
     else:
         with _below_autograd():

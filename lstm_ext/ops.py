@@ -764,8 +764,8 @@ def _lstm_cell_backward_vmap(info, in_dims, *args):
 
 # ----------------------------------------------------------------------------------------------
 # The GRU's ops: wrappers, fake kernels and autograd. Their gradients run the fused backward ops;
-# differentiated again they go through the reference's ops (see _differentiable_by_reference).
-# No vmap rule or forward mode yet.
+# differentiated again, and in forward mode (jvp), they go through the reference's ops (see
+# _differentiable_by_reference). No vmap rule yet.
 
 
 def gru_forward(
@@ -886,8 +886,13 @@ class _DifferentiableGradients(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         pair, *values = inputs
         ctx.pair = pair
-        ctx.save_for_backward(*values)
+        _save_for_both_modes(ctx, *values)
         ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def jvp(ctx: Any, _pair_tangent: None, *tangents: Tensor | None) -> tuple:
+        # Forward mode over the backward (torch.func.hessian is jacfwd(jacrev)).
+        return tuple(_jvp(ctx.pair.reference, tuple(ctx.saved_tensors), tangents))
 
     @staticmethod
     def backward(ctx: Any, *cotangents: Tensor | None) -> tuple:
@@ -943,13 +948,15 @@ def _save_gru_layer(
     ctx: Any, inputs: _GruLayerInputs, batch_sizes: Tensor | None, reverse: bool, output: tuple
 ) -> None:
     out, _h_n, saved_gates, saved_hidden_n = output
-    ctx.save_for_backward(*inputs, batch_sizes, out, saved_gates, saved_hidden_n)
+    _save_for_both_modes(ctx, *inputs, batch_sizes, out, saved_gates, saved_hidden_n)
     ctx.reverse = reverse
     ctx.mark_non_differentiable(saved_gates, saved_hidden_n)
     ctx.set_materialize_grads(False)
 
 
-def _gru_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
+def _gru_layer_of(ctx: Any) -> tuple[tuple, Callable]:
+    """What a GRU layer's ctx saved, as (its differentiable inputs, the layer in the reference's
+    ops as a function of them)."""
     from lstm_ext import reference
 
     input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes = ctx.saved_tensors[:7]
@@ -958,7 +965,12 @@ def _gru_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
         return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, reverse=ctx.reverse,
                                    batch_sizes=batch_sizes)
 
-    return (input, h0, w_ih, w_hh, b_ih, b_hh), _reference_gradients(layer, 2)
+    return (input, h0, w_ih, w_hh, b_ih, b_hh), layer
+
+
+def _gru_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
+    inputs, layer = _gru_layer_of(ctx)
+    return inputs, _reference_gradients(layer, 2)
 
 
 @_differentiable_by_reference(_gru_layer_reference)
@@ -986,18 +998,23 @@ def _gru_layer_gradients(
 
 def _save_gru_cell(ctx: Any, inputs: _GruCellInputs, output: tuple) -> None:
     _h, saved_gates, saved_hidden_n = output
-    ctx.save_for_backward(*inputs, saved_gates, saved_hidden_n)
+    _save_for_both_modes(ctx, *inputs, saved_gates, saved_hidden_n)
     ctx.mark_non_differentiable(saved_gates, saved_hidden_n)
     ctx.set_materialize_grads(False)
 
 
-def _gru_cell_reference(ctx: Any) -> tuple[tuple, Callable]:
+def _gru_cell_of(ctx: Any) -> tuple[tuple, Callable]:
     from lstm_ext import reference
 
     def cell(input, hx, w_ih, w_hh, b_ih, b_hh):
         return (reference.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh),)
 
-    return tuple(ctx.saved_tensors[:6]), _reference_gradients(cell, 1)
+    return tuple(ctx.saved_tensors[:6]), cell
+
+
+def _gru_cell_reference(ctx: Any) -> tuple[tuple, Callable]:
+    inputs, cell = _gru_cell_of(ctx)
+    return inputs, _reference_gradients(cell, 1)
 
 
 @_differentiable_by_reference(_gru_cell_reference)
@@ -1038,6 +1055,13 @@ class GruLayerFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output, grad_h_n, *_saved) -> tuple:
         return (*_gru_layer_gradients(ctx, grad_output, grad_h_n), None, None)
 
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
+        # Forward mode through the reference's math (the fused kernels have no tangent pass).
+        inputs, layer = _gru_layer_of(ctx)
+        out, h_n = _jvp(layer, inputs, tangents[:6])
+        return out, h_n, None, None
+
 
 class GruCellFunction(torch.autograd.Function):
     """One GRU step (``gru_cell_forward`` with training=True), differentiable to any order.
@@ -1058,21 +1082,36 @@ class GruCellFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_h, *_saved) -> tuple:
         return _gru_cell_gradients(ctx, grad_h)
 
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
+        inputs, cell = _gru_cell_of(ctx)
+        (h,) = _jvp(cell, inputs, tangents[:6])
+        return h, None, None
+
+
+class _CompiledGruLayerFunction(_NoForwardMode, GruLayerFunction):
+    pass
+
+
+class _CompiledGruCellFunction(_NoForwardMode, GruCellFunction):
+    pass
+
 
 def apply_gru_layer(
     input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
     b_hh: Tensor | None, batch_sizes: Tensor | None, reverse: bool,
 ) -> tuple[Tensor, ...]:
-    """:class:`GruLayerFunction` applied."""
-    return GruLayerFunction.apply(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+    """:class:`GruLayerFunction` applied (its jvp-less twin under torch.compile)."""
+    return _apply(GruLayerFunction, _CompiledGruLayerFunction,
+                  input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
 
 
 def apply_gru_cell(
     input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
     b_hh: Tensor | None,
 ) -> tuple[Tensor, ...]:
-    """:class:`GruCellFunction` applied."""
-    return GruCellFunction.apply(input, hx, w_ih, w_hh, b_ih, b_hh)
+    """:class:`GruCellFunction` applied (its jvp-less twin under torch.compile)."""
+    return _apply(GruCellFunction, _CompiledGruCellFunction, input, hx, w_ih, w_hh, b_ih, b_hh)
 
 
 def _gru_forward_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -1111,8 +1150,8 @@ for _name in ("_gru_backward", "_gru_cell_backward"):
 
 # ----------------------------------------------------------------------------------------------
 # The LSTM variants' op (peepholes, coupled input and forget gates): wrapper, fake kernel and
-# autograd, as the GRU's: beyond the first order through the reference; no vmap rule or forward
-# mode.
+# autograd, as the GRU's: beyond the first order and in forward mode through the reference; no
+# vmap rule.
 
 
 def lstm_variant_forward(
@@ -1207,8 +1246,9 @@ def _save_variant_layer(
 ) -> None:
     coupled, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout = config
     out, _h_n, _c_n, saved_gates, saved_cells, saved_hidden = output
-    ctx.save_for_backward(
-        *inputs, batch_sizes, zoneout_h, zoneout_c, out, saved_gates, saved_cells, saved_hidden
+    _save_for_both_modes(
+        ctx, *inputs, batch_sizes, zoneout_h, zoneout_c, out, saved_gates, saved_cells,
+        saved_hidden,
     )
     ctx.coupled, ctx.reverse, ctx.zoneout = coupled, reverse, zoneout
     ctx.mark_non_differentiable(saved_gates, saved_cells, saved_hidden)
@@ -1224,7 +1264,7 @@ def _zoneout_options(zoneout_h: Tensor | None, zoneout_c: Tensor | None, zoneout
                                               zoneout_c.reshape(-1, hidden)))
 
 
-def _variant_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
+def _variant_layer_of(ctx: Any) -> tuple[tuple, Callable]:
     from lstm_ext import reference
 
     *inputs, batch_sizes, zoneout_h, zoneout_c = ctx.saved_tensors[:12]
@@ -1237,7 +1277,12 @@ def _variant_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
             batch_sizes=batch_sizes, peephole=peephole, coupled_gates=ctx.coupled, **options,
         )
 
-    return tuple(inputs), _reference_gradients(layer, 3)
+    return tuple(inputs), layer
+
+
+def _variant_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
+    inputs, layer = _variant_layer_of(ctx)
+    return inputs, _reference_gradients(layer, 3)
 
 
 @_differentiable_by_reference(_variant_layer_reference)
@@ -1295,6 +1340,16 @@ class LstmVariantLayerFunction(torch.autograd.Function):
         grads = _variant_layer_gradients(ctx, grad_output, grad_h_n, grad_c_n)
         return (*grads, None, None, None, None, None, None)
 
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
+        inputs, layer = _variant_layer_of(ctx)
+        out, h_n, c_n = _jvp(layer, inputs, tangents[:9])
+        return out, h_n, c_n, None, None, None
+
+
+class _CompiledLstmVariantLayerFunction(_NoForwardMode, LstmVariantLayerFunction):
+    pass
+
 
 def apply_lstm_variant_layer(
     input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
@@ -1302,8 +1357,9 @@ def apply_lstm_variant_layer(
     batch_sizes: Tensor | None, reverse: bool, zoneout_h: Tensor | None = None,
     zoneout_c: Tensor | None = None, zoneout: float = 0.0,
 ) -> tuple[Tensor, ...]:
-    """:class:`LstmVariantLayerFunction` applied."""
-    return LstmVariantLayerFunction.apply(
+    """:class:`LstmVariantLayerFunction` applied (its jvp-less twin under torch.compile)."""
+    return _apply(
+        LstmVariantLayerFunction, _CompiledLstmVariantLayerFunction,
         input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr, coupled_gates, batch_sizes,
         reverse, zoneout_h, zoneout_c, zoneout,
     )
@@ -1433,13 +1489,13 @@ def _save_layernorm_layer(
     out, _h_n, _c_n, *saved = output
     # input_part itself: for a double backward (the reference differentiates through it) and to
     # recompute a forward run with training=False, which saved nothing.
-    ctx.save_for_backward(*inputs, batch_sizes, zoneout_h, zoneout_c, out, *saved)
+    _save_for_both_modes(ctx, *inputs, batch_sizes, zoneout_h, zoneout_c, out, *saved)
     ctx.coupled, ctx.reverse, ctx.zoneout = coupled, reverse, zoneout
     ctx.mark_non_differentiable(*saved)
     ctx.set_materialize_grads(False)
 
 
-def _layernorm_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
+def _layernorm_layer_of(ctx: Any) -> tuple[tuple, Callable]:
     from lstm_ext import reference
 
     (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, batch_sizes, zoneout_h,
@@ -1453,6 +1509,11 @@ def _layernorm_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
         )
 
     inputs = (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole)
+    return inputs, recurrence
+
+
+def _layernorm_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
+    inputs, recurrence = _layernorm_layer_of(ctx)
     return inputs, _reference_gradients(recurrence, 3)
 
 
@@ -1505,6 +1566,16 @@ class LstmLayerNormLayerFunction(torch.autograd.Function):
         grads = _layernorm_layer_gradients(ctx, grad_output, grad_h_n, grad_c_n)
         return (*grads, None, None, None, None, None, None)
 
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
+        inputs, recurrence = _layernorm_layer_of(ctx)
+        out, h_n, c_n = _jvp(recurrence, inputs, tangents[:8])
+        return out, h_n, c_n, None, None, None, None, None, None
+
+
+class _CompiledLstmLayerNormLayerFunction(_NoForwardMode, LstmLayerNormLayerFunction):
+    pass
+
 
 def apply_lstm_layernorm_layer(
     input_part: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, weight_hh: Tensor,
@@ -1512,8 +1583,9 @@ def apply_lstm_layernorm_layer(
     batch_sizes: Tensor | None, reverse: bool, zoneout_h: Tensor | None = None,
     zoneout_c: Tensor | None = None, zoneout: float = 0.0,
 ) -> tuple[Tensor, ...]:
-    """:class:`LstmLayerNormLayerFunction` applied."""
-    return LstmLayerNormLayerFunction.apply(
+    """:class:`LstmLayerNormLayerFunction` applied (its jvp-less twin under torch.compile)."""
+    return _apply(
+        LstmLayerNormLayerFunction, _CompiledLstmLayerNormLayerFunction,
         input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, coupled_gates,
         batch_sizes, reverse, zoneout_h, zoneout_c, zoneout,
     )

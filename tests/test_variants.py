@@ -6,6 +6,7 @@ tested in test_reference_variants.py) built from the modules' own parameters, th
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import os
 import pathlib
@@ -904,22 +905,42 @@ def test_save_load_and_deepcopy_round_trip():
     assert torch.equal(torch.cat(copy.deepcopy(cell)(x)), torch.cat(cell(x)))
 
 
-@pytest.mark.parametrize("options", [dict(peephole=True), dict(coupled_gates=True),
-                                     dict(zoneout=0.3), dict(layer_norm=True)], ids=str)
-def test_forward_mode_ad_is_refused(options):
+@pytest.mark.parametrize("options", [
+    dict(peephole=True), dict(coupled_gates=True), dict(zoneout=0.3),
+    dict(zoneout=0.3, train=False), dict(layer_norm=True, peephole=True),
+    dict(layer_norm=True, zoneout=0.2, coupled_gates=True),
+], ids=str)
+def test_forward_mode_matches_oracle(options):
+    # Forward mode (torch.func.jvp over input and parameters; forward_ad dual numbers through a
+    # frozen module) runs the reference's math with the masks the forward drew.
+    options = dict(options)
+    train = options.pop("train", True)
     x = torch.randn(4, 2, 5, dtype=f64)
-    for module, sample in ((lstm_ext.LSTM(5, 3, dtype=f64, **options), x),
-                           (lstm_ext.LSTMCell(5, 3, dtype=f64, **options), x[0])):
+    lstm = lstm_ext.LSTM(5, 3, 2, bidirectional=True, dtype=f64, **options).train(train)
+    cell = lstm_ext.LSTMCell(5, 3, dtype=f64, **options).train(train)
+    for module, sample, oracle in ((lstm, x, _oracle_lstm), (cell, x[0], _oracle_cell)):
         params = {name: p.detach() for name, p in module.named_parameters()}
+        tangents = {name: torch.randn_like(p) for name, p in params.items()}
+        direction = torch.randn_like(sample)
 
-        def f(s, module=module, params=params):
-            return torch.func.functional_call(module, params, (s,))[0]
+        def ours(s, p, module=module):
+            torch.manual_seed(SEED)  # zoneout's masks, as the oracle draws them
+            return torch.func.functional_call(module, p, (s,))[0]
 
-        name = type(module).__name__
-        with pytest.raises(NotImplementedError, match=f"lstm_ext.{name} variants has no forward"):
-            torch.func.jvp(f, (sample,), (torch.ones_like(sample),))
-        with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError):
-            f(torch.autograd.forward_ad.make_dual(sample, torch.ones_like(sample)))
+        def expected(s, p, module=module, oracle=oracle):
+            with torch.nn.utils.stateless._reparametrize_module(module, p):
+                return oracle(module, s)[0]
+
+        results = (torch.func.jvp(ours, (sample, params), (direction, tangents)),
+                   torch.func.jvp(expected, (sample, params), (direction, tangents)))
+        _compare(*results, ["output", "tangent"], f64, "jvp", module)
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(sample, direction)
+            with torch.no_grad():
+                tangent = torch.autograd.forward_ad.unpack_dual(ours(dual, params)).tangent
+        (_, input_only) = torch.func.jvp(functools.partial(expected, p=params), (sample,),
+                                         (direction,))
+        _compare([tangent], [input_only], ["tangent"], f64, "forward_ad", module)
 
 
 SECOND_ORDER = {

@@ -762,10 +762,33 @@ def _lstm_cell_backward_vmap(info, in_dims, *args):
     )
 
 
+# The other cells' ops (the GRU's, the LSTM variants'): one op call per vmapped sample, stacked.
+# Correct for any in_dims (batched weights, packed input); a vmap over inputs alone does not fold
+# into the batch as the LSTM's does.
+def _register_per_sample_vmap(name: str) -> None:
+    op = getattr(torch.ops.lstm_ext, name).default
+    # The dispatcher drops trailing arguments equal to their defaults: put those back.
+    defaults = [argument.default_value for argument in op._schema.arguments]
+
+    def rule(info, in_dims, *args):
+        given = len(args)
+        args = list(args) + defaults[given:]
+        in_dims = list(in_dims) + [None] * (len(defaults) - given)
+        return _per_sample(op, info.batch_size, args, in_dims)
+
+    torch.library.register_vmap(f"lstm_ext::{name}", rule)
+
+
+for _name in ("gru_forward", "_gru_backward", "gru_cell_forward", "_gru_cell_backward",
+              "lstm_variant_forward", "_lstm_variant_backward", "lstm_layernorm_forward",
+              "_lstm_layernorm_backward"):
+    _register_per_sample_vmap(_name)
+
+
 # ----------------------------------------------------------------------------------------------
 # The GRU's ops: wrappers, fake kernels and autograd. Their gradients run the fused backward ops;
 # differentiated again, and in forward mode (jvp), they go through the reference's ops (see
-# _differentiable_by_reference). No vmap rule yet.
+# _differentiable_by_reference); under vmap they run once per sample (_register_per_sample_vmap).
 
 
 def gru_forward(
@@ -863,20 +886,28 @@ def _gru_cell_backward_fake(grad_h, input, hx, w_ih, w_hh, saved_gates, saved_hi
 
 
 class _GradientPair:
-    """A layer's first-order gradients two ways: `fused(*values)` with its fused backward op (not
-    differentiable), `reference(*values)` in the reference's plain ops (differentiable to any
-    order). values: the incoming gradients, then the layer's differentiable inputs (None where
-    absent); both return the gradients of those inputs, None for absent ones."""
+    """A layer's first-order gradients two ways, as functions of the same values (the incoming
+    gradients, the layer's differentiable inputs, then what the forward saved besides): `fused`
+    with the fused backward op (not differentiable), `reference` in the reference's plain ops,
+    differentiable in the first `differentiable` values to any order. Both return the gradients
+    of the layer's inputs, None for absent ones."""
 
-    def __init__(self, fused: Callable, reference: Callable) -> None:
-        self.fused, self.reference = fused, reference
+    def __init__(self, fused: Callable, reference: Callable, differentiable: int) -> None:
+        self.fused, self.reference, self.differentiable = fused, reference, differentiable
+
+    def reference_of_differentiable(self, rest: tuple) -> Callable:
+        return lambda *values: self.reference(*values, *rest)
 
 
 class _DifferentiableGradients(torch.autograd.Function):
     """The fused first-order gradients as a function of (incoming gradients, inputs), whose own
     derivative is the reference's: double backward, gradient penalties and torch.func's nested
-    transforms differentiate the GRU and the LSTM variants through it, at the reference's speed,
-    while the first order keeps the fused op's. ``apply(pair, *values)``."""
+    transforms (grad of grad, jacfwd, hessian, vmap of grad) differentiate the GRU and the LSTM
+    variants through it at the reference's speed, while the first order keeps the fused op's.
+    ``apply(pair, *values)``. Every tensor comes in as a value (none is captured from another
+    Function's ctx), so functorch sees each at its own level."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(pair: _GradientPair, *values: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -892,52 +923,48 @@ class _DifferentiableGradients(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, _pair_tangent: None, *tangents: Tensor | None) -> tuple:
         # Forward mode over the backward (torch.func.hessian is jacfwd(jacrev)).
-        return tuple(_jvp(ctx.pair.reference, tuple(ctx.saved_tensors), tangents))
+        values, n = tuple(ctx.saved_tensors), ctx.pair.differentiable
+        reference = ctx.pair.reference_of_differentiable(values[n:])
+        return tuple(_jvp(reference, values[:n], tangents[:n]))
 
     @staticmethod
     def backward(ctx: Any, *cotangents: Tensor | None) -> tuple:
-        values = ctx.saved_tensors
+        values, n = tuple(ctx.saved_tensors), ctx.pair.differentiable
         if all(ct is None for ct in cotangents):
             return (None,) * (1 + len(values))
-        return (None, *_vjp(ctx.pair.reference, tuple(values), cotangents))
+        reference = ctx.pair.reference_of_differentiable(values[n:])
+        grads = _vjp(reference, values[:n], cotangents)
+        return (None, *grads, *([None] * (len(values) - n)))
 
 
-def _differentiable_by_reference(reference_of: Callable) -> Callable:
-    """Decorator for the first-order gradients ``function(ctx, *incoming)`` of a layer whose
-    fused backward op is not differentiable itself (the GRU's, the LSTM variants').
+def _differentiable_by_reference(reference_of: Callable, inputs: int) -> Callable:
+    """Decorator for the first-order gradients of a layer whose fused backward op is not
+    differentiable itself (the GRU's, the LSTM variants').
 
-    A plain backward runs the op. When the backward builds a graph (create_graph=True, a
-    torch.func transform), the gradients come from :class:`_DifferentiableGradients`: the same op
-    values, differentiable further through ``reference_of(ctx)``, which returns (the layer's
-    differentiable inputs, a function of (*incoming, *inputs) giving the same gradients in the
-    reference's ops). (Under torch.compile, which builds no higher-order graph, the op alone.)
+    The decorated ``function(ctx, *incoming, *saved)`` runs the op on the incoming gradients and
+    ``ctx.saved_tensors`` (whose first `inputs` are the layer's differentiable inputs), reading
+    only Python attributes from ctx; it is then called as ``gradients(ctx, *incoming)``. A plain
+    backward runs it. When the backward builds a graph (create_graph=True, a torch.func
+    transform) the gradients come from :class:`_DifferentiableGradients`: the same op values,
+    differentiable further through ``reference_of(ctx)``, a function of the same arguments giving
+    the same gradients in the reference's ops. (Under torch.compile, which builds no higher-order
+    graph, the op alone.)
     """
 
     def decorate(function: Callable) -> Callable:
         @functools.wraps(function)
         def gradients(ctx: Any, *incoming: Tensor | None) -> tuple:
+            saved = tuple(ctx.saved_tensors)
             if not torch.is_grad_enabled() or torch.compiler.is_compiling():
                 with torch.no_grad():
-                    return function(ctx, *incoming)
-            inputs, reference = reference_of(ctx)
-            count = len(incoming)
-            pair = _GradientPair(lambda *values: function(ctx, *values[:count]), reference)
-            return _DifferentiableGradients.apply(pair, *incoming, *inputs)
+                    return function(ctx, *incoming, *saved)
+            pair = _GradientPair(functools.partial(function, ctx), reference_of(ctx),
+                                 len(incoming) + inputs)
+            return _DifferentiableGradients.apply(pair, *incoming, *saved)
 
         return gradients
 
     return decorate
-
-
-def _reference_gradients(layer: Callable, cotangent_count: int) -> Callable:
-    """The gradients of ``layer(*inputs)`` (a tuple of outputs) for (*cotangents, *inputs), in
-    differentiable ops."""
-
-    def gradients(*values: Tensor | None) -> list[Tensor | None]:
-        cotangents, inputs = values[:cotangent_count], values[cotangent_count:]
-        return _vjp(layer, tuple(inputs), tuple(cotangents))
-
-    return gradients
 
 
 _GruLayerInputs = tuple  # (input, h0, w_ih, w_hh, b_ih, b_hh); b_* may be None
@@ -968,19 +995,28 @@ def _gru_layer_of(ctx: Any) -> tuple[tuple, Callable]:
     return (input, h0, w_ih, w_hh, b_ih, b_hh), layer
 
 
-def _gru_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
-    inputs, layer = _gru_layer_of(ctx)
-    return inputs, _reference_gradients(layer, 2)
+def _gru_layer_reference(ctx: Any) -> Callable:
+    """_gru_layer_gradients' arguments (after ctx) -> the same gradients in the reference's ops."""
+    from lstm_ext import reference
+
+    def gradients(grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes,
+                  *_buffers):
+        def layer(input, h0, w_ih, w_hh, b_ih, b_hh):
+            return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, reverse=ctx.reverse,
+                                       batch_sizes=batch_sizes)
+
+        return _vjp(layer, (input, h0, w_ih, w_hh, b_ih, b_hh), (grad_output, grad_h_n))
+
+    return gradients
 
 
-@_differentiable_by_reference(_gru_layer_reference)
+@_differentiable_by_reference(_gru_layer_reference, inputs=6)
 def _gru_layer_gradients(
-    ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None
+    ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, input: Tensor, h0: Tensor,
+    w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+    batch_sizes: Tensor | None, out: Tensor, saved_gates: Tensor, saved_hidden_n: Tensor,
 ) -> tuple[Tensor | None, ...]:
     """The gradients of one GRU layer, in _GruLayerInputs' order."""
-    input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, out, saved_gates, saved_hidden_n = (
-        ctx.saved_tensors
-    )
     if saved_gates.numel() == 0 and out.numel() > 0:
         # Called with training=False yet differentiated: recompute (see _layer_gradients).
         out, _, saved_gates, saved_hidden_n = gru_forward(
@@ -1012,15 +1048,24 @@ def _gru_cell_of(ctx: Any) -> tuple[tuple, Callable]:
     return tuple(ctx.saved_tensors[:6]), cell
 
 
-def _gru_cell_reference(ctx: Any) -> tuple[tuple, Callable]:
-    inputs, cell = _gru_cell_of(ctx)
-    return inputs, _reference_gradients(cell, 1)
+def _gru_cell_reference(ctx: Any) -> Callable:
+    from lstm_ext import reference
+
+    def gradients(grad_h, input, hx, w_ih, w_hh, b_ih, b_hh, *_buffers):
+        def cell(input, hx, w_ih, w_hh, b_ih, b_hh):
+            return (reference.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh),)
+
+        return _vjp(cell, (input, hx, w_ih, w_hh, b_ih, b_hh), (grad_h,))
+
+    return gradients
 
 
-@_differentiable_by_reference(_gru_cell_reference)
-def _gru_cell_gradients(ctx: Any, grad_h: Tensor | None) -> tuple[Tensor | None, ...]:
+@_differentiable_by_reference(_gru_cell_reference, inputs=6)
+def _gru_cell_gradients(
+    ctx: Any, grad_h: Tensor | None, input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Tensor | None, b_hh: Tensor | None, saved_gates: Tensor, saved_hidden_n: Tensor,
+) -> tuple[Tensor | None, ...]:
     """The gradients of one GRU step, in _GruCellInputs' order."""
-    input, hx, w_ih, w_hh, b_ih, b_hh, saved_gates, saved_hidden_n = ctx.saved_tensors
     if grad_h is None:
         return (None,) * 6
     if saved_gates.numel() == 0 and hx.numel() > 0:
@@ -1041,6 +1086,8 @@ class GruLayerFunction(torch.autograd.Function):
     ``GruLayerFunction.apply(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)`` returns
     ``gru_forward``'s four outputs.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse):
@@ -1069,6 +1116,8 @@ class GruCellFunction(torch.autograd.Function):
     ``GruCellFunction.apply(input, hx, w_ih, w_hh, b_ih, b_hh)`` returns (h, saved_gates,
     saved_hidden_n).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(input, hx, w_ih, w_hh, b_ih, b_hh):
@@ -1150,8 +1199,8 @@ for _name in ("_gru_backward", "_gru_cell_backward"):
 
 # ----------------------------------------------------------------------------------------------
 # The LSTM variants' op (peepholes, coupled input and forget gates): wrapper, fake kernel and
-# autograd, as the GRU's: beyond the first order and in forward mode through the reference; no
-# vmap rule.
+# autograd, as the GRU's: beyond the first order and in forward mode through the reference; per
+# sample under vmap.
 
 
 def lstm_variant_forward(
@@ -1280,20 +1329,34 @@ def _variant_layer_of(ctx: Any) -> tuple[tuple, Callable]:
     return tuple(inputs), layer
 
 
-def _variant_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
-    inputs, layer = _variant_layer_of(ctx)
-    return inputs, _reference_gradients(layer, 3)
+def _variant_layer_reference(ctx: Any) -> Callable:
+    from lstm_ext import reference
+
+    def gradients(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                  peephole, w_hr, batch_sizes, zoneout_h, zoneout_c, *_buffers):
+        options = _zoneout_options(zoneout_h, zoneout_c, ctx.zoneout, c0.shape[-1])
+
+        def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr):
+            return reference.lstm_variant_layer(
+                input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse=ctx.reverse, w_hr=w_hr,
+                batch_sizes=batch_sizes, peephole=peephole, coupled_gates=ctx.coupled, **options,
+            )
+
+        return _vjp(layer, (input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr),
+                    (grad_output, grad_h_n, grad_c_n))
+
+    return gradients
 
 
-@_differentiable_by_reference(_variant_layer_reference)
+@_differentiable_by_reference(_variant_layer_reference, inputs=9)
 def _variant_layer_gradients(
-    ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None
+    ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None,
+    input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, peephole: Tensor | None, w_hr: Tensor | None,
+    batch_sizes: Tensor | None, zoneout_h: Tensor | None, zoneout_c: Tensor | None, out: Tensor,
+    saved_gates: Tensor, saved_cells: Tensor, saved_hidden: Tensor,
 ) -> tuple[Tensor | None, ...]:
     """The gradients of one variant layer, in _VariantLayerInputs' order."""
-    *inputs, batch_sizes, zoneout_h, zoneout_c, out, saved_gates, saved_cells, saved_hidden = (
-        ctx.saved_tensors
-    )
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr = inputs
     if saved_gates.numel() == 0 and out.numel() > 0:
         # Called with training=False yet differentiated: recompute (see _layer_gradients).
         out, _, _, saved_gates, saved_cells, saved_hidden = lstm_variant_forward(
@@ -1322,6 +1385,8 @@ class LstmVariantLayerFunction(torch.autograd.Function):
     coupled_gates, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout)`` returns its six
     outputs; differentiable to any order (beyond the first through the reference).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr, coupled_gates,
@@ -1512,18 +1577,33 @@ def _layernorm_layer_of(ctx: Any) -> tuple[tuple, Callable]:
     return inputs, recurrence
 
 
-def _layernorm_layer_reference(ctx: Any) -> tuple[tuple, Callable]:
-    inputs, recurrence = _layernorm_layer_of(ctx)
-    return inputs, _reference_gradients(recurrence, 3)
+def _layernorm_layer_reference(ctx: Any) -> Callable:
+    from lstm_ext import reference
+
+    def gradients(grad_output, grad_h_n, grad_c_n, input_part, h0, c0, w_hh, weight_hh,
+                  weight_c, bias_c, peephole, batch_sizes, zoneout_h, zoneout_c, *_buffers):
+        options = _zoneout_options(zoneout_h, zoneout_c, ctx.zoneout, c0.shape[-1])
+
+        def recurrence(input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole):
+            return reference.lstm_layernorm_recurrence(
+                input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, reverse=ctx.reverse,
+                batch_sizes=batch_sizes, peephole=peephole, coupled_gates=ctx.coupled, **options,
+            )
+
+        return _vjp(recurrence, (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole),
+                    (grad_output, grad_h_n, grad_c_n))
+
+    return gradients
 
 
-@_differentiable_by_reference(_layernorm_layer_reference)
+@_differentiable_by_reference(_layernorm_layer_reference, inputs=8)
 def _layernorm_layer_gradients(
-    ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None
+    ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None,
+    input_part: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, weight_hh: Tensor,
+    weight_c: Tensor, bias_c: Tensor, peephole: Tensor | None, batch_sizes: Tensor | None,
+    zoneout_h: Tensor | None, zoneout_c: Tensor | None, out: Tensor, *saved: Tensor,
 ) -> tuple[Tensor | None, ...]:
     """The gradients of one layer-norm layer, in _LayerNormInputs' order."""
-    (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, batch_sizes, zoneout_h,
-     zoneout_c, out, *saved) = ctx.saved_tensors
     if saved[0].numel() == 0 and out.numel() > 0:
         # Called with training=False yet differentiated: recompute (see _layer_gradients).
         out, _, _, *saved = lstm_layernorm_forward(
@@ -1533,8 +1613,7 @@ def _layernorm_layer_gradients(
     grads = torch.ops.lstm_ext._lstm_layernorm_backward.default(
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, h0),
         _zeros_if_none(grad_c_n, c0), h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole,
-        ctx.coupled, out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
-        ctx.reverse, batch_sizes, zoneout_h, zoneout_c, ctx.zoneout,
+        ctx.coupled, out, *saved, ctx.reverse, batch_sizes, zoneout_h, zoneout_c, ctx.zoneout,
     )
     *first, grad_peephole = grads
     return (*first, grad_peephole if peephole is not None else None)
@@ -1548,6 +1627,8 @@ class LstmLayerNormLayerFunction(torch.autograd.Function):
     peephole, coupled_gates, batch_sizes, reverse, zoneout_h, zoneout_c, zoneout)`` returns its
     nine outputs; differentiable to any order (beyond the first through the reference).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, coupled_gates,

@@ -25,7 +25,8 @@ steps in plain ops (one GEMM, one layer_norm) and runs the recurrence on the fus
 ``lstm_ext::lstm_layernorm_forward`` op, whose steps are an ATen GEMM and one pointwise pass per
 row (CPU SIMD, one CUDA block per row) that normalizes the recurrent product and c_t in place.
 Their gradients run the fused backward ops; differentiated again (double backward, torch.func's
-nested grad) they go through the reference's ops, as forward mode (jvp) does. No vmap rule yet.
+nested grad) they go through the reference's ops, as forward mode (jvp) does; under vmap the ops
+run once per sample.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequen
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lstm_ext
-from lstm_ext import functional, ops
+from lstm_ext import functional, ops, reference
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -699,9 +699,40 @@ def test_forward_mode_matches_torch():
         (_, input_only) = torch.func.jvp(functools.partial(f, p=params, module=theirs),
                                          (sample,), (direction,))
         assert_close(tangent, input_only, torch.float64, f"{name} forward_ad")
-    # jacfwd and hessian vmap the jvp: the GRU has no vmap rule yet, and says so.
-    with pytest.raises(RuntimeError, match="vmap"):
-        torch.func.jacfwd(lambda s: f(s, params, gru))(x)
+
+
+
+def test_torch_func_vmap_jacfwd_hessian_match_reference():
+    # vmap (per-sample gradients, batched inference), jacfwd, jacrev and hessian: the ops' vmap
+    # rules run them once per sample. (torch.nn.GRU itself fails under vmap of its input, so the
+    # reference is the oracle.)
+    gru = lstm_ext.GRU(3, 4).double()
+    params = {name: p.detach() for name, p in gru.named_parameters()}
+    xs = torch.randn(3, 5, 2, 3, dtype=torch.float64)
+
+    def ours(p, x):
+        return torch.func.functional_call(gru, p, (x,))[0]
+
+    def oracle(p, x):
+        h0 = x.new_zeros(x.shape[1], 4)
+        return reference.gru_layer(x, h0, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
+                                   p["bias_hh_l0"])[0]
+
+    for name, transform in (
+        ("per-sample grad", lambda run: torch.func.vmap(torch.func.grad(
+            lambda p, x: run(p, x).square().sum()), in_dims=(None, 0))(params, xs)),
+        ("vmap", lambda run: torch.func.vmap(lambda x: run(params, x))(xs)),
+        ("jacfwd", lambda run: torch.func.jacfwd(lambda x: run(params, x))(xs[0])),
+        ("jacrev", lambda run: torch.func.jacrev(lambda x: run(params, x))(xs[0])),
+        ("hessian", lambda run: torch.func.hessian(
+            lambda x: run(params, x).square().sum())(xs[0, :2])),
+    ):
+        a, e = transform(ours), transform(oracle)
+        if isinstance(a, dict):
+            for key in a:
+                assert_close(a[key], e[key], torch.float64, f"{name} {key}")
+        else:
+            assert_close(a, e, torch.float64, name)
 
 
 def test_torch_func_grad_matches_torch():

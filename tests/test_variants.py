@@ -1001,6 +1001,39 @@ def test_second_order_matches_oracle(options):
     _compare(*results, range(len(results[0])), f64, "cell second order")
 
 
+@pytest.mark.parametrize("options", [dict(peephole=True, coupled_gates=True),
+                                     dict(zoneout=0.3, train=False),
+                                     dict(layer_norm=True, peephole=True)], ids=str)
+def test_torch_func_vmap_jacfwd_hessian_match_oracle(options):
+    # Per-sample gradients, batched inference, jacfwd and hessian through the ops' per-sample vmap
+    # rules. (Zoneout in training draws random masks, which vmap refuses by default.)
+    options = dict(options)
+    train = options.pop("train", True)
+    lstm = lstm_ext.LSTM(5, 3, dtype=f64, **options).train(train)
+    params = {name: p.detach() for name, p in lstm.named_parameters()}
+    xs = torch.randn(2, 4, 2, 5, dtype=f64)
+
+    def ours(p, x):
+        return torch.func.functional_call(lstm, p, (x,))[0]
+
+    def oracle(p, x):
+        with torch.nn.utils.stateless._reparametrize_module(lstm, p):
+            return _oracle_lstm(lstm, x)[0]
+
+    for name, transform in (
+        ("per-sample grad", lambda run: torch.func.vmap(torch.func.grad(
+            lambda p, x: run(p, x).square().sum()), in_dims=(None, 0))(params, xs)),
+        ("vmap", lambda run: torch.func.vmap(lambda x: run(params, x))(xs)),
+        ("jacfwd", lambda run: torch.func.jacfwd(lambda x: run(params, x))(xs[0])),
+        ("hessian", lambda run: torch.func.hessian(
+            lambda x: run(params, x).square().sum())(xs[0, :2])),
+    ):
+        a, e = transform(ours), transform(oracle)
+        names = list(a) if isinstance(a, dict) else [name]
+        values = (list(a.values()), list(e.values())) if isinstance(a, dict) else ([a], [e])
+        _compare(*values, names, f64, name, lstm)
+
+
 def test_torch_func_grad_of_grad_matches_oracle():
     lstm = lstm_ext.LSTM(5, 3, dtype=f64, peephole=True, layer_norm=True)
     x = torch.randn(4, 2, 5, dtype=f64)

@@ -356,12 +356,6 @@ def lstm_cell(
     return h_new, c_new
 
 
-_GRU_ONNX_ERROR = (
-    "lstm_ext.{} has no ONNX export yet; convert it with to_torch() first and export the "
-    "torch.nn module."
-)
-
-
 def gru(
     input: Tensor,
     hx: Tensor,
@@ -390,8 +384,6 @@ def gru(
         (output ``[T, N, D*H]`` or ``[N, T, D*H]``, packed: ``[rows, D*H]``; h_n ``[L*D, N, H]``),
         the final states taken at each sequence's own last step.
     """
-    if lstm_onnx.in_onnx_export():
-        raise RuntimeError(_GRU_ONNX_ERROR.format("GRU"))
     directions = 2 if bidirectional else 1
     per_cell = 4 if has_biases else 2
     cells = num_layers * directions
@@ -427,6 +419,7 @@ def gru(
     _check_gemm_dtype(h0, weights[1], has_biases)
 
     training = _needs_grad(input, h0, *weights) or _forward_mode_active(input, h0, *weights)
+    exporting = lstm_onnx.in_onnx_export()
     layer_input = x
     h_n = []
     for layer in range(num_layers):
@@ -435,7 +428,13 @@ def gru(
             index = layer * directions + direction
             w = weights[index * per_cell : (index + 1) * per_cell]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-            if training:
+            if exporting:
+                # torch.onnx.export: lstm_ext.onnx's stand-in writes the layer as an ONNX GRU.
+                out, h, _, _ = lstm_onnx.gru_forward(
+                    layer_input, h0[index], w[0], w[1], b_ih, b_hh, reverse=direction == 1,
+                    batch_sizes=batch_sizes,
+                )
+            elif training:
                 out, h, _, _ = ops.apply_gru_layer(
                     layer_input, h0[index], w[0], w[1], b_ih, b_hh, batch_sizes, direction == 1
                 )
@@ -471,8 +470,6 @@ def gru_cell(
     Returns:
         h' ``[N, H]``.
     """
-    if lstm_onnx.in_onnx_export():
-        raise RuntimeError(_GRU_ONNX_ERROR.format("GRUCell"))
     # ATen's check_rnn_cell_forward_input / _hidden, then its GEMMs' dtype checks.
     if input.size(1) != w_ih.size(1):
         raise RuntimeError(
@@ -497,7 +494,9 @@ def gru_cell(
                 "Expected all tensors to be on the same device, but found at least two devices, "
                 f"{tensor.device} and {input.device}!"
             )
-    if _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh) or _forward_mode_active(
+    if lstm_onnx.in_onnx_export():
+        h_new, _, _ = lstm_onnx.gru_cell_forward(input, hx, w_ih, w_hh, b_ih, b_hh)
+    elif _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh) or _forward_mode_active(
         input, hx, w_ih, w_hh, b_ih, b_hh
     ):
         h_new, _, _ = ops.apply_gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)

@@ -654,6 +654,7 @@ class GRU(RNNBase):
     def _forward_packed(
         self, packed: PackedSequence, hx: Tensor | None
     ) -> tuple[PackedSequence, Tensor]:
+        lstm_onnx.check_packed_input()  # torch.onnx.export: packing has no ONNX form here
         data, batch_sizes, sorted_indices, unsorted_indices = packed
         if hx is None:
             hx = self._zero_state(int(batch_sizes[0]), data)

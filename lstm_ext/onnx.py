@@ -1,4 +1,5 @@
-"""ONNX export of ``lstm_ext.LSTM`` and ``lstm_ext.LSTMCell`` as ONNX's own ``LSTM`` operator.
+"""ONNX export of ``lstm_ext.LSTM`` / ``LSTMCell`` as ONNX's own ``LSTM`` operator, and of
+``lstm_ext.GRU`` / ``GRUCell`` as ONNX's ``GRU`` (``linear_before_reset=1``, torch's form).
 
 ``torch.onnx.export(model, args, f)`` works as it does for ``torch.nn.LSTM``, with either exporter:
 
@@ -17,6 +18,7 @@
 Every path writes the same graph: per layer and direction one ``LSTM`` node (``direction`` forward
 or reverse) whose weights are torch's with the gate blocks reordered from torch's (i, f, g, o) to
 ONNX's (i, o, f, c), and ``B = [b_ih, b_hh]``; the cell is an ``LSTM`` node over one time step.
+The GRU's likewise, one ``GRU`` node each, gates (r, z, n) reordered to ONNX's (z, r, h).
 ONNX's ``LSTM`` has no projection and a ``PackedSequence`` does not survive tracing, so an LSTM
 with ``proj_size > 0`` and packed input raise a ``RuntimeError`` that names the feature.
 
@@ -49,6 +51,8 @@ except ImportError:
 __all__ = [
     "check_packed_input",
     "custom_translation_table",
+    "gru_cell_forward",
+    "gru_forward",
     "in_onnx_export",
     "lstm_cell_forward",
     "lstm_forward",
@@ -121,15 +125,17 @@ def _traced_by_dynamo_exporter() -> bool:
 
 # ONNX's gate k is torch's gate _ONNX_GATE_BLOCKS[k]: (i, o, f, c) from (i, f, g, o).
 _ONNX_GATE_BLOCKS = (0, 3, 1, 2)
+# The GRU's: ONNX's (z, r, h) from torch's (r, z, n).
+_ONNX_GRU_GATE_BLOCKS = (1, 0, 2)
 
 
-def _onnx_gate_order(tensor: Tensor) -> Tensor:
-    """torch's gate blocks (i, f, g, o) along dim 0 -> ONNX's (i, o, f, c): ``[4H, ...]``."""
+def _onnx_gate_order(tensor: Tensor, blocks: tuple[int, ...] = _ONNX_GATE_BLOCKS) -> Tensor:
+    """torch's gate blocks along dim 0 in ONNX's order: LSTM (i, f, g, o) -> (i, o, f, c)
+    ``[4H, ...]``; with _ONNX_GRU_GATE_BLOCKS, GRU (r, z, n) -> (z, r, h) ``[3H, ...]``."""
     # Slices, not chunk(): the exporter's optimizer folds Slice on weights into new initializers,
     # and leaves Split (what chunk() becomes) in the graph.
-    hidden = tensor.shape[0] // 4
-    blocks = [tensor[k * hidden : (k + 1) * hidden] for k in _ONNX_GATE_BLOCKS]
-    return torch.cat(blocks)
+    hidden = tensor.shape[0] // len(blocks)
+    return torch.cat([tensor[k * hidden : (k + 1) * hidden] for k in blocks])
 
 
 def _symbolic_lstm(
@@ -215,8 +221,104 @@ def lstm_cell_forward(
     return y_h.squeeze(0), y_c.squeeze(0), input.new_empty(0)
 
 
+def _symbolic_gru(
+    x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, reverse: bool,
+) -> tuple[Tensor, Tensor]:
+    """One ONNX ``GRU`` node: x ``[T, N, C]``, h0 ``[N, H]`` -> (Y ``[T, 1, N, H]``, Y_h
+    ``[1, N, H]``). ``linear_before_reset=1`` is torch's form, r multiplying W_hn h + b_hn."""
+    steps, batch = x.shape[0], x.shape[1]
+    hidden = w_hh.shape[1]
+    blocks = _ONNX_GRU_GATE_BLOCKS
+    weights = [_onnx_gate_order(w, blocks).unsqueeze(0) for w in (w_ih, w_hh)]
+    bias = None
+    if b_ih is not None and b_hh is not None:
+        bias = torch.cat([_onnx_gate_order(b_ih, blocks), _onnx_gate_order(b_hh, blocks)])
+        bias = bias.unsqueeze(0)
+    # Inputs X, W, R, B, sequence_lens (absent), initial_h.
+    y, y_h = torch.onnx.ops.symbolic_multi_out(
+        "GRU",
+        [x, *weights, bias, None, h0.unsqueeze(0)],
+        {"hidden_size": hidden, "direction": "reverse" if reverse else "forward",
+         "linear_before_reset": 1},
+        dtypes=[x.dtype] * 2,
+        shapes=[[steps, 1, batch, hidden], [1, batch, hidden]],
+    )
+    return y, y_h
+
+
+def gru_forward(
+    input: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    reverse: bool = False,
+    training: bool = False,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`lstm_ext.ops.gru_forward` as torch.onnx.export traces it: under the dynamo exporter
+    one ONNX ``GRU`` node; under the TorchScript exporter the fused operator, which its registered
+    symbolic translates. The saved tensors come out empty.
+
+    Raises:
+        RuntimeError: for ``batch_sizes`` (packed input).
+    """
+    _check_exportable(None, batch_sizes)
+    if not _traced_by_dynamo_exporter():
+        return ops.gru_forward(input, h0, w_ih, w_hh, b_ih, b_hh, reverse, training)
+    y, y_h = _symbolic_gru(input, h0, w_ih, w_hh, b_ih, b_hh, reverse)
+    empty = input.new_empty(0)
+    return y.squeeze(1), y_h.squeeze(0), empty, empty
+
+
+def gru_cell_forward(
+    input: Tensor,
+    hx: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    training: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lstm_ext.ops.gru_cell_forward` as torch.onnx.export traces it: a ``GRU`` node over
+    one time step."""
+    if not _traced_by_dynamo_exporter():
+        return ops.gru_cell_forward(input, hx, w_ih, w_hh, b_ih, b_hh, training)
+    _, y_h = _symbolic_gru(input.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh, False)
+    empty = input.new_empty(0)
+    return y_h.squeeze(0), empty, empty
+
+
 # ----------------------------------------------------------------------------------------------
 # Dynamo exporter: translations of the torch.ops.lstm_ext operators, for programs that hold them.
+
+
+def _translated_weights(
+    op: Any, w_ih: _Value, w_hh: _Value, b_ih: _Value, b_hh: _Value, gate_blocks: tuple
+) -> tuple[list[_Value], _Value]:
+    """W, R and B of an ONNX LSTM or GRU node, gate blocks reordered, with onnxscript's ``op``."""
+    hidden = int(w_hh.shape[1])
+    axis0 = op.Constant(value_ints=[0])
+
+    def gate_order(value: _Value) -> _Value:
+        blocks = [
+            op.Slice(
+                value,
+                op.Constant(value_ints=[k * hidden]),
+                op.Constant(value_ints=[(k + 1) * hidden]),
+                axis0,
+            )
+            for k in gate_blocks
+        ]
+        return op.Concat(*blocks, axis=0)
+
+    weights = [op.Unsqueeze(gate_order(w), axis0) for w in (w_ih, w_hh)]
+    bias = None
+    if b_ih is not None and b_hh is not None:
+        bias = op.Unsqueeze(op.Concat(gate_order(b_ih), gate_order(b_hh), axis=0), axis0)
+    return weights, bias
 
 
 def _translated_lstm(
@@ -231,25 +333,8 @@ def _translated_lstm(
     reverse: bool,
 ) -> tuple[_Value, _Value, _Value]:
     """The ONNX ``LSTM`` node of :func:`_symbolic_lstm`, written with onnxscript's ``op``."""
-    hidden = int(w_hh.shape[1])
     axis0 = op.Constant(value_ints=[0])
-
-    def gate_order(value: _Value) -> _Value:
-        blocks = [
-            op.Slice(
-                value,
-                op.Constant(value_ints=[k * hidden]),
-                op.Constant(value_ints=[(k + 1) * hidden]),
-                axis0,
-            )
-            for k in _ONNX_GATE_BLOCKS
-        ]
-        return op.Concat(*blocks, axis=0)
-
-    weights = [op.Unsqueeze(gate_order(w), axis0) for w in (w_ih, w_hh)]
-    bias = None
-    if b_ih is not None and b_hh is not None:
-        bias = op.Unsqueeze(op.Concat(gate_order(b_ih), gate_order(b_hh), axis=0), axis0)
+    weights, bias = _translated_weights(op, w_ih, w_hh, b_ih, b_hh, _ONNX_GATE_BLOCKS)
     return op.LSTM(
         input,
         *weights,
@@ -257,8 +342,21 @@ def _translated_lstm(
         None,
         op.Unsqueeze(h0, axis0),
         op.Unsqueeze(c0, axis0),
-        hidden_size=hidden,
+        hidden_size=int(w_hh.shape[1]),
         direction="reverse" if reverse else "forward",
+    )
+
+
+def _translated_gru(
+    op: Any, input: _Value, h0: _Value, w_ih: _Value, w_hh: _Value, b_ih: _Value,
+    b_hh: _Value, reverse: bool,
+) -> tuple[_Value, _Value]:
+    """The ONNX ``GRU`` node of :func:`_symbolic_gru`, written with onnxscript's ``op``."""
+    axis0 = op.Constant(value_ints=[0])
+    weights, bias = _translated_weights(op, w_ih, w_hh, b_ih, b_hh, _ONNX_GRU_GATE_BLOCKS)
+    return op.GRU(
+        input, *weights, bias, None, op.Unsqueeze(h0, axis0), hidden_size=int(w_hh.shape[1]),
+        direction="reverse" if reverse else "forward", linear_before_reset=1,
     )
 
 
@@ -309,6 +407,45 @@ def _translate_lstm_cell_forward(
     return op.Squeeze(y_h, axis0), op.Squeeze(y_c, axis0), _empty_like(op, input)
 
 
+def _translate_gru_forward(
+    input: _Value,
+    h0: _Value,
+    w_ih: _Value,
+    w_hh: _Value,
+    b_ih: _Value = None,
+    b_hh: _Value = None,
+    reverse: bool = False,
+    training: bool = False,
+    batch_sizes: _Value = None,
+) -> tuple[_Value, ...]:
+    """ONNX for ``lstm_ext::gru_forward``; the saved tensors come out empty whatever training."""
+    from onnxscript import opset18 as op
+
+    _check_exportable(None, batch_sizes)
+    y, y_h = _translated_gru(op, input, h0, w_ih, w_hh, b_ih, b_hh, reverse)
+    axis0, axis1 = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
+    empty = _empty_like(op, input)
+    return op.Squeeze(y, axis1), op.Squeeze(y_h, axis0), empty, empty
+
+
+def _translate_gru_cell_forward(
+    input: _Value,
+    hx: _Value,
+    w_ih: _Value,
+    w_hh: _Value,
+    b_ih: _Value = None,
+    b_hh: _Value = None,
+    training: bool = False,
+) -> tuple[_Value, _Value, _Value]:
+    """ONNX for ``lstm_ext::gru_cell_forward``: a ``GRU`` node over one time step."""
+    from onnxscript import opset18 as op
+
+    axis0 = op.Constant(value_ints=[0])
+    _, y_h = _translated_gru(op, op.Unsqueeze(input, axis0), hx, w_ih, w_hh, b_ih, b_hh, False)
+    empty = _empty_like(op, input)
+    return op.Squeeze(y_h, axis0), empty, empty
+
+
 def custom_translation_table() -> dict[Callable, Callable]:
     """Translations of lstm_ext's forward operators for the dynamo exporter.
 
@@ -321,13 +458,15 @@ def custom_translation_table() -> dict[Callable, Callable]:
                           custom_translation_table=lstm_ext.onnx.custom_translation_table())
 
     Returns:
-        ``{torch.ops.lstm_ext.lstm_forward.default: ..., torch.ops.lstm_ext.lstm_cell_forward
-        .default: ...}``, the values onnxscript-traced functions (onnxscript must be installed
-        when the export runs).
+        ``{torch.ops.lstm_ext.lstm_forward.default: ..., ...lstm_cell_forward.default: ...,
+        ...gru_forward.default: ..., ...gru_cell_forward.default: ...}``, the values
+        onnxscript-traced functions (onnxscript must be installed when the export runs).
     """
     return {
         torch.ops.lstm_ext.lstm_forward.default: _translate_lstm_forward,
         torch.ops.lstm_ext.lstm_cell_forward.default: _translate_lstm_cell_forward,
+        torch.ops.lstm_ext.gru_forward.default: _translate_gru_forward,
+        torch.ops.lstm_ext.gru_cell_forward.default: _translate_gru_cell_forward,
     }
 
 
@@ -363,25 +502,29 @@ def _ts_axes(g: Any, op_type: str, value: _Value, axis: int) -> _Value:
     return g.op(op_type, value, axes_i=[axis])
 
 
-def _ts_lstm(
+def _ts_rnn(
     g: Any,
     input: _Value,
-    h0: _Value,
-    c0: _Value,
+    states: list[_Value],
     w_ih: _Value,
     w_hh: _Value,
     b_ih: _Value,
     b_hh: _Value,
     reverse: bool,
-) -> tuple[_Value, _Value, _Value]:
-    """The ONNX ``LSTM`` node of :func:`_symbolic_lstm` in a TorchScript graph."""
+    gru: bool = False,
+) -> tuple[_Value, ...]:
+    """The ONNX ``LSTM`` node of :func:`_symbolic_lstm` (states [h0, c0]), or with `gru` the
+    ``GRU`` node of :func:`_symbolic_gru` (states [h0]), in a TorchScript graph."""
     sizes = w_hh.type().sizes() if w_hh.type().isSubtypeOf(torch._C.TensorType.get()) else None
+    name = "GRU" if gru else "LSTM"
     if not sizes:
         raise RuntimeError(
-            "lstm_ext ONNX export: the shape of w_hh [4H, H] must be known to export the LSTM"
+            f"lstm_ext ONNX export: the shape of w_hh [{'3H' if gru else '4H'}, H] must be known "
+            f"to export the {name}"
         )
     hidden = sizes[1]
-    blocks = [torch.arange(k * hidden, (k + 1) * hidden) for k in _ONNX_GATE_BLOCKS]
+    gate_blocks = _ONNX_GRU_GATE_BLOCKS if gru else _ONNX_GATE_BLOCKS
+    blocks = [torch.arange(k * hidden, (k + 1) * hidden) for k in gate_blocks]
     order = g.op("Constant", value_t=torch.cat(blocks))
 
     def gate_order(value: _Value) -> _Value:
@@ -393,17 +536,18 @@ def _ts_lstm(
         bias = _ts_axes(
             g, "Unsqueeze", g.op("Concat", gate_order(b_ih), gate_order(b_hh), axis_i=0), 0
         )
+    attributes = {"linear_before_reset_i": 1} if gru else {}
     return g.op(
-        "LSTM",
+        name,
         input,
         *weights,
         bias,
         _ts_absent(g),
-        _ts_axes(g, "Unsqueeze", h0, 0),
-        _ts_axes(g, "Unsqueeze", c0, 0),
+        *[_ts_axes(g, "Unsqueeze", state, 0) for state in states],
         hidden_size_i=hidden,
         direction_s="reverse" if reverse else "forward",
-        outputs=3,
+        outputs=2 if gru else 3,
+        **attributes,
     )
 
 
@@ -428,7 +572,7 @@ def _symbolic_lstm_forward(
     _check_exportable(
         None if _ts_is_none(w_hr) else w_hr, None if _ts_is_none(batch_sizes) else batch_sizes
     )
-    y, y_h, y_c = _ts_lstm(g, input, h0, c0, w_ih, w_hh, b_ih, b_hh, _ts_constant(reverse))
+    y, y_h, y_c = _ts_rnn(g, input, [h0, c0], w_ih, w_hh, b_ih, b_hh, _ts_constant(reverse))
     return (
         _ts_axes(g, "Squeeze", y, 1),
         _ts_axes(g, "Squeeze", y_h, 0),
@@ -451,8 +595,41 @@ def _symbolic_lstm_cell_forward(
     training: _Value,
 ) -> tuple[_Value, _Value, _Value]:
     x = _ts_axes(g, "Unsqueeze", input, 0)
-    _, y_h, y_c = _ts_lstm(g, x, hx, cx, w_ih, w_hh, b_ih, b_hh, False)
+    _, y_h, y_c = _ts_rnn(g, x, [hx, cx], w_ih, w_hh, b_ih, b_hh, False)
     return _ts_axes(g, "Squeeze", y_h, 0), _ts_axes(g, "Squeeze", y_c, 0), _ts_empty(g)
+
+
+def _symbolic_gru_forward(
+    g: Any,
+    input: _Value,
+    h0: _Value,
+    w_ih: _Value,
+    w_hh: _Value,
+    b_ih: _Value,
+    b_hh: _Value,
+    reverse: _Value,
+    training: _Value,
+    batch_sizes: _Value = None,
+) -> tuple[_Value, ...]:
+    _check_exportable(None, None if _ts_is_none(batch_sizes) else batch_sizes)
+    y, y_h = _ts_rnn(g, input, [h0], w_ih, w_hh, b_ih, b_hh, _ts_constant(reverse), gru=True)
+    return (_ts_axes(g, "Squeeze", y, 1), _ts_axes(g, "Squeeze", y_h, 0), _ts_empty(g),
+            _ts_empty(g))
+
+
+def _symbolic_gru_cell_forward(
+    g: Any,
+    input: _Value,
+    hx: _Value,
+    w_ih: _Value,
+    w_hh: _Value,
+    b_ih: _Value,
+    b_hh: _Value,
+    training: _Value,
+) -> tuple[_Value, _Value, _Value]:
+    x = _ts_axes(g, "Unsqueeze", input, 0)
+    _, y_h = _ts_rnn(g, x, [hx], w_ih, w_hh, b_ih, b_hh, False, gru=True)
+    return _ts_axes(g, "Squeeze", y_h, 0), _ts_empty(g), _ts_empty(g)
 
 
 def _register_torchscript_symbolics() -> None:
@@ -462,6 +639,9 @@ def _register_torchscript_symbolics() -> None:
 
     register_custom_op_symbolic("lstm_ext::lstm_forward", _symbolic_lstm_forward, 9)
     register_custom_op_symbolic("lstm_ext::lstm_cell_forward", _symbolic_lstm_cell_forward, 9)
+    # ONNX's GRU has linear_before_reset (torch's form) from opset 3.
+    register_custom_op_symbolic("lstm_ext::gru_forward", _symbolic_gru_forward, 9)
+    register_custom_op_symbolic("lstm_ext::gru_cell_forward", _symbolic_gru_cell_forward, 9)
 
 
 _register_torchscript_symbolics()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import io
 import re
-import warnings
 
 import pytest
 import torch
@@ -843,29 +841,7 @@ def test_cpu_autocast_leaves_float64_alone_like_torch():
         assert_close(a, e, torch.float64, "float64 under autocast")
 
 
-# ----------------------------------------------------------------------------------------------
-# ONNX export: not yet
-
-
-@pytest.mark.parametrize("dynamo", [pytest.param(True, id="dynamo"),
-                                    pytest.param(False, id="torchscript")])
-def test_onnx_export_is_refused_clearly(dynamo):
-    if dynamo:
-        pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
-
-    for model, args, name in [
-        (lstm_ext.GRU(3, 4).eval(), (torch.randn(5, 2, 3),), "GRU"),
-        (lstm_ext.GRUCell(3, 4).eval(), (torch.randn(2, 3),), "GRUCell"),
-    ]:
-        with warnings.catch_warnings(), pytest.raises(Exception) as caught:
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, args, io.BytesIO(), dynamo=dynamo)
-        error = caught.value
-        while error.__cause__ is not None:
-            error = error.__cause__
-        assert isinstance(error, RuntimeError)
-        assert f"lstm_ext.{name} has no ONNX export yet" in str(error)
-        assert "to_torch()" in str(error)
+# ONNX export: tests/test_onnx.py.
 
 
 # ----------------------------------------------------------------------------------------------

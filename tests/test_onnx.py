@@ -168,6 +168,8 @@ def test_translation_table_for_an_exported_program(grad):
     assert set(table) == {
         torch.ops.lstm_ext.lstm_forward.default,
         torch.ops.lstm_ext.lstm_cell_forward.default,
+        torch.ops.lstm_ext.gru_forward.default,
+        torch.ops.lstm_ext.gru_cell_forward.default,
     }
     model = lstm_ext.LSTM(FEATURES, HIDDEN, num_layers=2, bidirectional=True).eval()
     cell = lstm_ext.LSTMCell(FEATURES, HIDDEN).eval()
@@ -265,3 +267,92 @@ def test_import_does_not_load_onnx_packages():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[-2] == "[]"
+
+
+# ----------------------------------------------------------------------------------------------
+# The GRU: each layer and direction an ONNX GRU node (linear_before_reset=1, torch's form).
+
+GRU_CONFIGS = [
+    pytest.param(dict(num_layers=1), True, id="1layer-h0"),
+    pytest.param(dict(num_layers=2, bidirectional=True), True, id="2layers-bidir-h0"),
+    pytest.param(dict(bias=False, batch_first=True), False, id="nobias-batch_first"),
+]
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("options,with_state", GRU_CONFIGS)
+def test_gru_export_matches_eager(dynamo, options, with_state):
+    torch.manual_seed(0)
+    gru = lstm_ext.GRU(FEATURES, HIDDEN, **options).eval()
+    shape = (BATCH, STEPS, FEATURES) if gru.batch_first else (STEPS, BATCH, FEATURES)
+    args = (torch.randn(shape),)
+    if with_state:
+        args += (torch.randn(gru.num_layers * (2 if gru.bidirectional else 1), BATCH, HIDDEN),)
+    model_bytes = _export(gru, args, dynamo)
+    model = onnx.load_from_string(model_bytes)
+    nodes = list(model.graph.node)
+    assert [n.op_type for n in nodes].count("GRU") == gru.num_layers * (
+        2 if gru.bidirectional else 1)
+    assert all(n.domain in ("", "ai.onnx") for n in nodes)
+    onnx.checker.check_model(model)
+    with torch.no_grad():
+        expected = list(gru(*args))
+    actual = _run_onnx(model_bytes, list(args))
+    for name, a, e in zip(("output", "h_n"), actual, expected):
+        assert a.shape == e.shape, f"GRU {name}: {a.shape} vs {e.shape}"
+        assert_close(a, e, torch.float32, f"GRU {name}")
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gru_cell_export_matches_eager(dynamo, bias):
+    cell = lstm_ext.GRUCell(FEATURES, HIDDEN, bias=bias).eval()
+    args = (torch.randn(BATCH, FEATURES), torch.randn(BATCH, HIDDEN))
+    model_bytes = _export(cell, args, dynamo)
+    with torch.no_grad():
+        expected = cell(*args)
+    (actual,) = _run_onnx(model_bytes, list(args))
+    assert_close(actual, expected, torch.float32, "GRUCell h")
+
+
+class _PackedGru(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = lstm_ext.GRU(FEATURES, HIDDEN)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.gru(pack_padded_sequence(x, lengths, enforce_sorted=False))[1]
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_gru_export_refuses_packed_input(dynamo):
+    args = (torch.randn(STEPS, BATCH, FEATURES), torch.tensor([STEPS, 2, 3]))
+    with pytest.raises(Exception, match="PackedSequence input cannot be exported"):
+        _export(_PackedGru().eval(), args, dynamo)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_gru_translation_table_for_an_exported_program(grad):
+    table = lstm_ext.onnx.custom_translation_table()
+    gru = lstm_ext.GRU(FEATURES, HIDDEN, num_layers=2, bidirectional=True).eval()
+    cell = lstm_ext.GRUCell(FEATURES, HIDDEN).eval()
+    cases = ((gru, (torch.randn(STEPS, BATCH, FEATURES),), 4),
+             (cell, (torch.randn(BATCH, FEATURES), torch.randn(BATCH, HIDDEN)), 1))
+    for module, module_args, nodes in cases:
+        with torch.set_grad_enabled(grad):
+            program = torch.export.export(module, module_args)
+        targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+        assert targets & set(table), "the program should hold lstm_ext's operators"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(program, custom_translation_table=table,
+                                             verbose=False)
+        model_bytes = onnx_program.model_proto.SerializeToString()
+        ops_ = [n.op_type for n in onnx.load_from_string(model_bytes).graph.node]
+        assert ops_.count("GRU") == nodes
+        actual = _run_onnx(model_bytes, list(module_args))
+        with torch.no_grad():
+            expected = module(*module_args)
+        expected = list(expected) if isinstance(expected, tuple) else [expected]
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e, torch.float32, f"{type(module).__name__} output {index}")

@@ -937,7 +937,15 @@ class _DifferentiableGradients(torch.autograd.Function):
         return (None, *grads, *([None] * (len(values) - n)))
 
 
-def _differentiable_by_reference(reference_of: Callable, inputs: int) -> Callable:
+def _saved_layer(ctx: Any, layer_of: Callable, inputs: int) -> tuple[tuple, Callable]:
+    """(the layer's differentiable inputs, the layer in the reference's ops as a function of
+    them) from ctx.saved_tensors, whose first `inputs` are those inputs and the rest what
+    ``layer_of(ctx, rest)`` needs besides (batch_sizes, zoneout's masks)."""
+    saved = tuple(ctx.saved_tensors)
+    return saved[:inputs], layer_of(ctx, saved[inputs:])
+
+
+def _differentiable_by_reference(layer_of: Callable, inputs: int) -> Callable:
     """Decorator for the first-order gradients of a layer whose fused backward op is not
     differentiable itself (the GRU's, the LSTM variants').
 
@@ -946,9 +954,9 @@ def _differentiable_by_reference(reference_of: Callable, inputs: int) -> Callabl
     only Python attributes from ctx; it is then called as ``gradients(ctx, *incoming)``. A plain
     backward runs it. When the backward builds a graph (create_graph=True, a torch.func
     transform) the gradients come from :class:`_DifferentiableGradients`: the same op values,
-    differentiable further through ``reference_of(ctx)``, a function of the same arguments giving
-    the same gradients in the reference's ops. (Under torch.compile, which builds no higher-order
-    graph, the op alone.)
+    differentiable further through the vector-Jacobian product of ``layer_of(ctx, rest)``, the
+    layer in the reference's ops (see :func:`_saved_layer`). (Under torch.compile, which builds no
+    higher-order graph, the op alone.)
     """
 
     def decorate(function: Callable) -> Callable:
@@ -958,8 +966,13 @@ def _differentiable_by_reference(reference_of: Callable, inputs: int) -> Callabl
             if not torch.is_grad_enabled() or torch.compiler.is_compiling():
                 with torch.no_grad():
                     return function(ctx, *incoming, *saved)
-            pair = _GradientPair(functools.partial(function, ctx), reference_of(ctx),
-                                 len(incoming) + inputs)
+            count = len(incoming)
+
+            def reference(*values: Tensor | None) -> list[Tensor | None]:
+                layer = layer_of(ctx, values[count + inputs:])
+                return _vjp(layer, values[count : count + inputs], values[:count])
+
+            pair = _GradientPair(functools.partial(function, ctx), reference, count + inputs)
             return _DifferentiableGradients.apply(pair, *incoming, *saved)
 
         return gradients
@@ -981,36 +994,20 @@ def _save_gru_layer(
     ctx.set_materialize_grads(False)
 
 
-def _gru_layer_of(ctx: Any) -> tuple[tuple, Callable]:
-    """What a GRU layer's ctx saved, as (its differentiable inputs, the layer in the reference's
-    ops as a function of them)."""
+def _gru_reference_layer(ctx: Any, rest: tuple) -> Callable:
+    """A GRU layer in the reference's ops; rest: what its ctx saved after the inputs."""
     from lstm_ext import reference
 
-    input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes = ctx.saved_tensors[:7]
+    batch_sizes = rest[0]
 
     def layer(input, h0, w_ih, w_hh, b_ih, b_hh):
         return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, reverse=ctx.reverse,
                                    batch_sizes=batch_sizes)
 
-    return (input, h0, w_ih, w_hh, b_ih, b_hh), layer
+    return layer
 
 
-def _gru_layer_reference(ctx: Any) -> Callable:
-    """_gru_layer_gradients' arguments (after ctx) -> the same gradients in the reference's ops."""
-    from lstm_ext import reference
-
-    def gradients(grad_output, grad_h_n, input, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes,
-                  *_buffers):
-        def layer(input, h0, w_ih, w_hh, b_ih, b_hh):
-            return reference.gru_layer(input, h0, w_ih, w_hh, b_ih, b_hh, reverse=ctx.reverse,
-                                       batch_sizes=batch_sizes)
-
-        return _vjp(layer, (input, h0, w_ih, w_hh, b_ih, b_hh), (grad_output, grad_h_n))
-
-    return gradients
-
-
-@_differentiable_by_reference(_gru_layer_reference, inputs=6)
+@_differentiable_by_reference(_gru_reference_layer, inputs=6)
 def _gru_layer_gradients(
     ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, input: Tensor, h0: Tensor,
     w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
@@ -1039,28 +1036,17 @@ def _save_gru_cell(ctx: Any, inputs: _GruCellInputs, output: tuple) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _gru_cell_of(ctx: Any) -> tuple[tuple, Callable]:
+def _gru_reference_cell(ctx: Any, rest: tuple) -> Callable:
+    """A GRU step in the reference's ops (as a function with a tuple of outputs)."""
     from lstm_ext import reference
 
     def cell(input, hx, w_ih, w_hh, b_ih, b_hh):
         return (reference.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh),)
 
-    return tuple(ctx.saved_tensors[:6]), cell
+    return cell
 
 
-def _gru_cell_reference(ctx: Any) -> Callable:
-    from lstm_ext import reference
-
-    def gradients(grad_h, input, hx, w_ih, w_hh, b_ih, b_hh, *_buffers):
-        def cell(input, hx, w_ih, w_hh, b_ih, b_hh):
-            return (reference.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh),)
-
-        return _vjp(cell, (input, hx, w_ih, w_hh, b_ih, b_hh), (grad_h,))
-
-    return gradients
-
-
-@_differentiable_by_reference(_gru_cell_reference, inputs=6)
+@_differentiable_by_reference(_gru_reference_cell, inputs=6)
 def _gru_cell_gradients(
     ctx: Any, grad_h: Tensor | None, input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Tensor | None, b_hh: Tensor | None, saved_gates: Tensor, saved_hidden_n: Tensor,
@@ -1105,7 +1091,7 @@ class GruLayerFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
         # Forward mode through the reference's math (the fused kernels have no tangent pass).
-        inputs, layer = _gru_layer_of(ctx)
+        inputs, layer = _saved_layer(ctx, _gru_reference_layer, 6)
         out, h_n = _jvp(layer, inputs, tangents[:6])
         return out, h_n, None, None
 
@@ -1133,7 +1119,7 @@ class GruCellFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
-        inputs, cell = _gru_cell_of(ctx)
+        inputs, cell = _saved_layer(ctx, _gru_reference_cell, 6)
         (h,) = _jvp(cell, inputs, tangents[:6])
         return h, None, None
 
@@ -1304,21 +1290,22 @@ def _save_variant_layer(
     ctx.set_materialize_grads(False)
 
 
-def _zoneout_options(zoneout_h: Tensor | None, zoneout_c: Tensor | None, zoneout: float,
-                     hidden: int) -> dict[str, Any]:
+def _zoneout_options(zoneout_h: Tensor | None, zoneout_c: Tensor | None,
+                     zoneout: float) -> dict[str, Any]:
     """The reference's zoneout arguments for an op call's (masks per step, or eval's p)."""
     if zoneout_h is None:
         return dict(zoneout=zoneout, training=False)
+    hidden = zoneout_h.shape[-1]
     return dict(training=True, zoneout_masks=(zoneout_h.reshape(-1, hidden),
                                               zoneout_c.reshape(-1, hidden)))
 
 
-def _variant_layer_of(ctx: Any) -> tuple[tuple, Callable]:
+def _variant_reference_layer(ctx: Any, rest: tuple) -> Callable:
+    """A variant layer in the reference's ops, with the forward's zoneout masks."""
     from lstm_ext import reference
 
-    *inputs, batch_sizes, zoneout_h, zoneout_c = ctx.saved_tensors[:12]
-    hidden = inputs[2].shape[-1]
-    options = _zoneout_options(zoneout_h, zoneout_c, ctx.zoneout, hidden)
+    batch_sizes, zoneout_h, zoneout_c = rest[:3]
+    options = _zoneout_options(zoneout_h, zoneout_c, ctx.zoneout)
 
     def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr):
         return reference.lstm_variant_layer(
@@ -1326,29 +1313,10 @@ def _variant_layer_of(ctx: Any) -> tuple[tuple, Callable]:
             batch_sizes=batch_sizes, peephole=peephole, coupled_gates=ctx.coupled, **options,
         )
 
-    return tuple(inputs), layer
+    return layer
 
 
-def _variant_layer_reference(ctx: Any) -> Callable:
-    from lstm_ext import reference
-
-    def gradients(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                  peephole, w_hr, batch_sizes, zoneout_h, zoneout_c, *_buffers):
-        options = _zoneout_options(zoneout_h, zoneout_c, ctx.zoneout, c0.shape[-1])
-
-        def layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr):
-            return reference.lstm_variant_layer(
-                input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse=ctx.reverse, w_hr=w_hr,
-                batch_sizes=batch_sizes, peephole=peephole, coupled_gates=ctx.coupled, **options,
-            )
-
-        return _vjp(layer, (input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, w_hr),
-                    (grad_output, grad_h_n, grad_c_n))
-
-    return gradients
-
-
-@_differentiable_by_reference(_variant_layer_reference, inputs=9)
+@_differentiable_by_reference(_variant_reference_layer, inputs=9)
 def _variant_layer_gradients(
     ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None,
     input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
@@ -1407,7 +1375,7 @@ class LstmVariantLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
-        inputs, layer = _variant_layer_of(ctx)
+        inputs, layer = _saved_layer(ctx, _variant_reference_layer, 9)
         out, h_n, c_n = _jvp(layer, inputs, tangents[:9])
         return out, h_n, c_n, None, None, None
 
@@ -1560,12 +1528,12 @@ def _save_layernorm_layer(
     ctx.set_materialize_grads(False)
 
 
-def _layernorm_layer_of(ctx: Any) -> tuple[tuple, Callable]:
+def _layernorm_reference_recurrence(ctx: Any, rest: tuple) -> Callable:
+    """A layer-norm layer's recurrence in the reference's ops, with the forward's masks."""
     from lstm_ext import reference
 
-    (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole, batch_sizes, zoneout_h,
-     zoneout_c) = ctx.saved_tensors[:11]
-    options = _zoneout_options(zoneout_h, zoneout_c, ctx.zoneout, c0.shape[-1])
+    batch_sizes, zoneout_h, zoneout_c = rest[:3]
+    options = _zoneout_options(zoneout_h, zoneout_c, ctx.zoneout)
 
     def recurrence(input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole):
         return reference.lstm_layernorm_recurrence(
@@ -1573,30 +1541,10 @@ def _layernorm_layer_of(ctx: Any) -> tuple[tuple, Callable]:
             batch_sizes=batch_sizes, peephole=peephole, coupled_gates=ctx.coupled, **options,
         )
 
-    inputs = (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole)
-    return inputs, recurrence
+    return recurrence
 
 
-def _layernorm_layer_reference(ctx: Any) -> Callable:
-    from lstm_ext import reference
-
-    def gradients(grad_output, grad_h_n, grad_c_n, input_part, h0, c0, w_hh, weight_hh,
-                  weight_c, bias_c, peephole, batch_sizes, zoneout_h, zoneout_c, *_buffers):
-        options = _zoneout_options(zoneout_h, zoneout_c, ctx.zoneout, c0.shape[-1])
-
-        def recurrence(input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole):
-            return reference.lstm_layernorm_recurrence(
-                input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, reverse=ctx.reverse,
-                batch_sizes=batch_sizes, peephole=peephole, coupled_gates=ctx.coupled, **options,
-            )
-
-        return _vjp(recurrence, (input_part, h0, c0, w_hh, weight_hh, weight_c, bias_c, peephole),
-                    (grad_output, grad_h_n, grad_c_n))
-
-    return gradients
-
-
-@_differentiable_by_reference(_layernorm_layer_reference, inputs=8)
+@_differentiable_by_reference(_layernorm_reference_recurrence, inputs=8)
 def _layernorm_layer_gradients(
     ctx: Any, grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None,
     input_part: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, weight_hh: Tensor,
@@ -1649,7 +1597,7 @@ class LstmLayerNormLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Tensor | None) -> tuple:
-        inputs, recurrence = _layernorm_layer_of(ctx)
+        inputs, recurrence = _saved_layer(ctx, _layernorm_reference_recurrence, 8)
         out, h_n, c_n = _jvp(recurrence, inputs, tangents[:8])
         return out, h_n, c_n, None, None, None, None, None, None
 

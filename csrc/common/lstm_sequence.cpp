@@ -360,6 +360,18 @@ struct LoopVariant {
   at::Tensor weight_hh, weight_c, bias_c;
 };
 
+// Zoneout's fields of one step's pointwise arguments (ForwardStepArgs or BackwardStepArgs): the
+// step's rows of the training masks, or without masks eval's keep probability.
+template <typename StepArgs>
+void set_step_zoneout(StepArgs& args, const LoopVariant& variant, int64_t offset, int64_t n) {
+  args.zoneout = true;
+  args.zoneout_h =
+      variant.keep_h.defined() ? row_block(variant.keep_h, offset, n).const_data_ptr() : nullptr;
+  args.zoneout_c =
+      variant.keep_c.defined() ? row_block(variant.keep_c, offset, n).const_data_ptr() : nullptr;
+  args.zoneout_p = variant.keep_p;
+}
+
 // What a layer-norm forward saves besides the gates and cells: the normalized recurrent products
 // [rows, G*H] and c_t [rows, H], and each row's two reciprocal standard deviations [rows, 2].
 struct LayerNormSaved {
@@ -528,14 +540,7 @@ ForwardResult forward_unchecked(Cell cell, const at::Tensor& x, const StepLayout
                              peephole_c.defined() ? peephole_c.const_data_ptr() : nullptr,
                              cell == Cell::kLstmCoupled};
         if (variant.zoneout) {
-          args.zoneout = true;
-          args.zoneout_h =
-              variant.keep_h.defined() ? row_block(variant.keep_h, offset, n).const_data_ptr()
-                                       : nullptr;
-          args.zoneout_c =
-              variant.keep_c.defined() ? row_block(variant.keep_c, offset, n).const_data_ptr()
-                                       : nullptr;
-          args.zoneout_p = variant.keep_p;
+          set_step_zoneout(args, variant, offset, n);
           args.h_prev = h_prev.const_data_ptr();
           args.c_new = training ? row_block(cells_new, offset, n).data_ptr() : nullptr;
         }
@@ -771,14 +776,7 @@ LayerGradients backward_unchecked(Cell cell, const at::Tensor& d_out, const at::
                                     peephole_c.defined() ? peephole_c.const_data_ptr() : nullptr,
                                     cell == Cell::kLstmCoupled};
         if (variant.zoneout) {
-          args.zoneout = true;
-          args.zoneout_h =
-              variant.keep_h.defined() ? row_block(variant.keep_h, offset, n).const_data_ptr()
-                                       : nullptr;
-          args.zoneout_c =
-              variant.keep_c.defined() ? row_block(variant.keep_c, offset, n).const_data_ptr()
-                                       : nullptr;
-          args.zoneout_p = variant.keep_p;
+          set_step_zoneout(args, variant, offset, n);
           args.d_h_prev = d_h_t.data_ptr();  // the kept part; the GEMM below adds onto it
         }
         if (layer_norm) {

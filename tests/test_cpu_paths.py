@@ -40,6 +40,14 @@ PARITY_SCRIPT = textwrap.dedent(
         # the K block, no bias.
         (4, 17, 600, 520, 1, True, False, True),
         (3, 16, 9, 40, 2, True, True, False),
+        # T = 1 runs on the weights as stored (SingleStepFloatBackend) up to four register tiles
+        # of rows (24 rows on AVX-512, 12 on AVX2), ragged tiles and K tails included; beyond,
+        # on ATen's GEMMs.
+        (1, 1, 40, 37, 2, True, False, True),
+        (1, 7, 9, 130, 1, False, False, False),
+        (1, 12, 600, 520, 1, True, True, True),
+        (1, 24, 33, 64, 2, False, False, True),
+        (1, 25, 33, 64, 1, False, False, True),
     ]
     for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
         for T, N, C, H, L, bi, bf, bias in cases:

@@ -73,6 +73,42 @@ def test_float32_results_do_not_depend_on_thread_count(batch, features):
     reason="the DEFAULT kernel set multiplies with ATen GEMMs, whose sums follow the threads",
 )
 @pytest.mark.parametrize("make", [
+    lambda: lstm_ext.LSTM(48, 520, num_layers=2),
+    lambda: lstm_ext.LSTM(48, 520, peephole=True, coupled_gates=True),
+    lambda: lstm_ext.LSTM(48, 520, zoneout=0.2),
+], ids=["lstm", "peephole-coupled", "zoneout"])
+@pytest.mark.parametrize("batch", [1, 7, 20], ids=lambda n: f"N{n}")
+def test_single_step_float32_forward_does_not_depend_on_thread_count(make, batch):
+    # T = 1 (SingleStepFloatBackend): threads split the hidden units (H = 520: 33 panels, enough
+    # work to use every thread), each unit's dot products summed in one fixed order; training
+    # (which saves the activations) and inference. Not the gradients: a single step's backward
+    # runs on ATen's GEMMs (packing for the fused ones cost 1.2-2.3x in T = 1 training), and
+    # those gave different last bits on 1 and 2 threads.
+    torch.manual_seed(0)
+    module = make()
+    x = torch.randn(1, batch, 48, requires_grad=True)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            torch.manual_seed(1)  # zoneout's masks
+            output, (h_n, c_n) = module(x)
+            with torch.no_grad():
+                inference = module(x)
+            results.append([output, h_n, c_n, inference[0], *inference[1]])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(
+    lstm_ext.build_info()["cpu_capability"] == "DEFAULT",
+    reason="the DEFAULT kernel set multiplies with ATen GEMMs, whose sums follow the threads",
+)
+@pytest.mark.parametrize("make", [
     lambda: lstm_ext.GRU(48, 80, num_layers=2, bidirectional=True),
     lambda: lstm_ext.LSTM(48, 80, peephole=True, coupled_gates=True),
     lambda: lstm_ext.LSTM(48, 80, zoneout=0.2),

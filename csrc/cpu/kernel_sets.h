@@ -12,6 +12,8 @@ struct CpuKernelSet {
   PointwiseKernels pointwise{};
   // The fused float32 StepBackend, or null where this instruction set has none.
   std::unique_ptr<StepBackend> (*make_float_backend)(const PointwiseKernels&) = nullptr;
+  // The float32 StepBackend for a single step (T = 1), or null.
+  std::unique_ptr<StepBackend> (*make_single_step_float_backend)(const PointwiseKernels&) = nullptr;
 };
 
 // Each returns false when its file was compiled without that instruction set (another compiler or

@@ -29,6 +29,7 @@ bool avx2_kernel_set(CpuKernelSet* set) {
   set->pointwise = {&AVX2::forward_step, &AVX2::backward_step, &AVX2::gru_forward_step,
                    &AVX2::gru_backward_step};
   set->make_float_backend = &AVX2::make_fused_float_backend;
+  set->make_single_step_float_backend = &AVX2::make_single_step_float_backend;
   return true;
 }
 

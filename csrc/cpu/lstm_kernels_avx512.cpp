@@ -38,6 +38,7 @@ bool avx512_kernel_set(CpuKernelSet* set) {
   set->pointwise = {&AVX512::forward_step, &AVX512::backward_step, &AVX512::gru_forward_step,
                    &AVX512::gru_backward_step};
   set->make_float_backend = &AVX512::make_fused_float_backend;
+  set->make_single_step_float_backend = &AVX512::make_single_step_float_backend;
   return true;
 }
 

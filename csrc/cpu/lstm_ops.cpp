@@ -48,21 +48,28 @@ const CpuKernelSet& kernel_set() {
   return set;
 }
 
-// The backend for one op call: the fused float32 one where this instruction set has it, for
-// sequences of more than one step. A single step (streaming, decoding) is what lstm_cell_forward
-// computes: packing W_hh and starting the persistent threads would cost more than the step's
-// GEMMs (measured: 1.5-2x slower than ATen's GEMMs at T = 1), so ATen's GEMMs serve, as there.
-std::unique_ptr<StepBackend> make_backend(const at::Tensor& input,
-                                          const std::optional<at::Tensor>& batch_sizes) {
+// The backend for one op call, for float32 where this instruction set has the fused kernels:
+// for sequences of more than one step, the one that packs W_hh once and keeps persistent
+// threads; for a single step (streaming, decoding), where packing and starting the threads would
+// cost more than the step's GEMMs (measured: 1.5-2x slower than ATen's GEMMs at T = 1), the one
+// that runs a small batch's step on the weights as stored, ATen's GEMMs serving the rest.
+std::unique_ptr<StepBackend> make_backend(const at::ScalarType dtype, int64_t steps) {
   const CpuKernelSet& set = kernel_set();
-  const int64_t steps = batch_sizes.has_value() ? batch_sizes->numel()
-                                                : (input.dim() == 3 ? input.size(0) : 1);
+  const bool fused = dtype == at::kFloat && set.make_float_backend != nullptr;
   std::unique_ptr<StepBackend> backend =
-      input.scalar_type() == at::kFloat && set.make_float_backend != nullptr && steps > 1
-          ? set.make_float_backend(set.pointwise)
+      fused && steps > 1 ? set.make_float_backend(set.pointwise)
+      : fused && set.make_single_step_float_backend != nullptr
+          ? set.make_single_step_float_backend(set.pointwise)
           : std::make_unique<StepBackend>(set.pointwise);
   backend->set_buffer_allocator(&empty_large_buffer);
   return backend;
+}
+
+std::unique_ptr<StepBackend> make_backend(const at::Tensor& input,
+                                          const std::optional<at::Tensor>& batch_sizes) {
+  const int64_t steps = batch_sizes.has_value() ? batch_sizes->numel()
+                                                : (input.dim() == 3 ? input.size(0) : 1);
+  return make_backend(input.scalar_type(), steps);
 }
 
 ForwardResult lstm_forward_cpu(const at::Tensor& input, const at::Tensor& h0,
@@ -95,9 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_cpu(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh, bool training) {
-  // One step: packing W_hh would cost as much as the step's GEMM, so ATen's GEMM serves.
-  StepBackend backend(kernel_set().pointwise);
-  return lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training, backend);
+  const auto backend = make_backend(input.scalar_type(), /*steps=*/1);
+  return lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training, *backend);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -335,6 +335,116 @@ inline void tile_multiply3(const OperandA& a, int64_t kc, const float* b_block, 
   }
 }
 
+// B given by its layout only (no packed copy: `data` and `base` unset): the column order,
+// gate layout, K and size of a gate-ordered B [K, Ncols] = W^T whose W [Ncols, K] the kernel
+// below reads as stored.
+inline PackedB unpacked_gate_layout(int64_t k, int64_t cols, const GateLayout& layout) {
+  PackedB b;
+  b.k = k;
+  b.cols = cols;
+  b.order = ColumnOrder::kGates;
+  b.layout = layout;
+  b.panels = (cols / layout.gates + kVecWidth - 1) / kVecWidth;
+  return b;
+}
+
+// acc[r][v] += sum over k of A(r, k) * W(col, k) for the columns of (panel, vector v) of
+// `layout`'s gate order, W row-major [Ncols, K] as stored (row col at w + col * ld_w) and A
+// row-major (k_stride 1). For one step of a few rows: each weight is read once, contiguously, and
+// no packed copy is made (which would read W once and write it once before the GEMM read it
+// again). The dot products run in vectors along k, two columns at a time so that each vector of
+// A serves two FMAs (one load per FMA would bound the loop by the loads); the kVecWidth x
+// kVecWidth block of a panel vector's partial sums is then transposed, so that adding its rows
+// gives the vector of columns.
+template <int64_t kRows>
+inline void tile_multiply_rows(const OperandA& a, const float* w, int64_t ld_w,
+                               const PackedB& layout, int64_t panel,
+                               RawVec (&acc)[kRows][kPanelVecs]) {
+  // Independent chains of FMAs per row and column, as many as the registers hold (24
+  // accumulators of 32 on AVX-512, 12 of 16 on AVX2, leaving room for the loads): few rows
+  // would leave too few chains to cover the FMA latency.
+  constexpr int64_t kMaxAccumulators = kVecWidth == 16 ? 24 : 12;
+  constexpr int64_t kChains = std::clamp<int64_t>(kMaxAccumulators / (2 * kRows), 1, 4);
+  constexpr int64_t kStep = kChains * kVecWidth;
+  const int64_t k = layout.k;
+  const int64_t k_whole = k - k % kStep;
+  alignas(64) float partial[kRows][kVecWidth * kVecWidth];
+  alignas(64) float columns[kVecWidth * kVecWidth];
+  for (int64_t v = 0; v < kPanelVecs; ++v) {
+    const int64_t count = panel_column_count(layout, panel, v);
+    if (count == 0) {
+      continue;
+    }
+    const int64_t col0 = panel_column(layout, panel, v);
+    for (int64_t l = 0; l < count; l += 2) {
+      // A lone last column runs as a pair with itself; its twin's sums are dropped.
+      const float* w0 = w + (col0 + l) * ld_w;
+      const float* w1 = l + 1 < count ? w0 + ld_w : w0;
+      // The next pair's rows, requested while these stream: each row is a short stream (K
+      // floats) that the hardware prefetchers would only pick up part way.
+      const float* next = l + 2 < count ? w0 + 2 * ld_w : nullptr;
+      RawVec sum[kRows][2][kChains];
+      for (int64_t r = 0; r < kRows; ++r) {
+        for (int64_t c = 0; c < kChains; ++c) {
+          sum[r][0][c] = raw_broadcast(0.f);
+          sum[r][1][c] = raw_broadcast(0.f);
+        }
+      }
+      int64_t kk = 0;
+      for (; kk < k_whole; kk += kStep) {
+        if (next != nullptr) {
+          for (int64_t line = 0; line < kStep; line += 16) {
+            _mm_prefetch(reinterpret_cast<const char*>(next + kk + line), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(next + ld_w + kk + line), _MM_HINT_T0);
+          }
+        }
+#pragma GCC unroll 4
+        for (int64_t c = 0; c < kChains; ++c) {
+          const RawVec w0_vec = raw_load(w0 + kk + c * kVecWidth);
+          const RawVec w1_vec = raw_load(w1 + kk + c * kVecWidth);
+#pragma GCC unroll 8
+          for (int64_t r = 0; r < kRows; ++r) {
+            const RawVec a_vec = raw_load(a.ptr + r * a.row_stride + kk + c * kVecWidth);
+            sum[r][0][c] = raw_fmadd(w0_vec, a_vec, sum[r][0][c]);
+            sum[r][1][c] = raw_fmadd(w1_vec, a_vec, sum[r][1][c]);
+          }
+        }
+      }
+      for (; kk < k; kk += kVecWidth) {
+        const int64_t n = std::min<int64_t>(kVecWidth, k - kk);
+        const RawVec w0_vec = load_units(w0 + kk, n);
+        const RawVec w1_vec = load_units(w1 + kk, n);
+        for (int64_t r = 0; r < kRows; ++r) {
+          const RawVec a_vec = load_units(a.ptr + r * a.row_stride + kk, n);
+          sum[r][0][0] = raw_fmadd(w0_vec, a_vec, sum[r][0][0]);
+          sum[r][1][0] = raw_fmadd(w1_vec, a_vec, sum[r][1][0]);
+        }
+      }
+      for (int64_t r = 0; r < kRows; ++r) {
+        for (int64_t col = 0; col < 2; ++col) {
+          FloatVec total(sum[r][col][0]);
+          for (int64_t c = 1; c < kChains; ++c) total = total + FloatVec(sum[r][col][c]);
+          total.store(partial[r] + (l + col) * kVecWidth);
+        }
+      }
+    }
+    // Columns past the edge of the gate: zero (their pair's twin may have written one of them).
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t l = count; l < kVecWidth; ++l) {
+        FloatVec(0.f).store(partial[r] + l * kVecWidth);
+      }
+    }
+    for (int64_t r = 0; r < kRows; ++r) {
+      transpose_vector_block(partial[r], kVecWidth, columns, kVecWidth);
+      FloatVec total(acc[r][v]);
+      for (int64_t lane = 0; lane < kVecWidth; ++lane) {
+        total = total + FloatVec::loadu(columns + lane * kVecWidth);
+      }
+      acc[r][v] = total;
+    }
+  }
+}
+
 // The plain output: C rows are row-major with leading dimension ldc, columns as B's. With a bias
 // ([Ncols]), a GEMM that does not accumulate starts from it instead of from zero.
 struct PlainOutput {

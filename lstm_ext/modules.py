@@ -97,6 +97,20 @@ def _add_variant_parameters(
     return created
 
 
+def _current_weights(module: RNNBase) -> list:
+    """The module's flat weights as they are now, read by name rather than from the cached
+    ``_flat_weights``, so that torch.func.functional_call (which swaps entries of
+    ``_parameters``), parametrizations and pruning (which replace a parameter with a property or
+    a plain attribute) are seen. ``_parameters`` first: ``getattr`` on a parameter goes through
+    ``Module.__getattr__``, about 1 us a weight, felt at T = 1."""
+    parameters = module._parameters
+    weights = []
+    for name in module._flat_weights_names:
+        weight = parameters.get(name)
+        weights.append(weight if weight is not None else getattr(module, name))
+    return weights
+
+
 def _lstm_config(module: RNNBase) -> dict:
     """The constructor arguments (but device and dtype) of a torch.nn.LSTM or lstm_ext.LSTM."""
     return dict(
@@ -263,10 +277,13 @@ class LSTM(RNNBase):
         shape = (self.num_layers * directions, batch)
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         options = dict(dtype=input.dtype, device=input.device)
-        return (
-            torch.zeros(*shape, real_hidden, **options),
-            torch.zeros(*shape, self.hidden_size, **options),
-        )
+        c_0 = torch.zeros(*shape, self.hidden_size, **options)
+        # Without projections h_0 has c_0's shape: one tensor serves as both (the ops only read
+        # their initial states, and neither is ever handed to the caller), which saves an
+        # allocation a call, felt at T = 1.
+        if real_hidden == self.hidden_size:
+            return c_0, c_0
+        return torch.zeros(*shape, real_hidden, **options), c_0
 
     @overload
     def forward(
@@ -289,6 +306,8 @@ class LSTM(RNNBase):
         if not is_batched:
             input = input.unsqueeze(batch_dim)
         if hx is None:
+            # The zero states have the expected shapes by construction: only the input's checks.
+            self.check_input(input, None)
             hx = self._zero_state(input.size(0) if self.batch_first else input.size(1), input)
         else:
             expected_dim = 3 if is_batched else 2
@@ -300,7 +319,7 @@ class LSTM(RNNBase):
                 )
             if not is_batched:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        self.check_forward_args(input, hx, None)
+            self.check_forward_args(input, hx, None)
         output, h_n, c_n = self._run(input, hx, None)
         if not is_batched:
             return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
@@ -327,9 +346,7 @@ class LSTM(RNNBase):
     def _run(
         self, input: Tensor, hx: tuple[Tensor, Tensor], batch_sizes: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        # Read the parameters by name, not from the cached _flat_weights, so that
-        # torch.func.functional_call and parametrizations see the tensors they substitute.
-        weights = [getattr(self, name) for name in self._flat_weights_names]
+        weights = _current_weights(self)
         cast_to = functional.autocast_dtype(
             input.device, packed=batch_sizes is not None, projections=self.proj_size > 0
         )
@@ -670,9 +687,7 @@ class GRU(RNNBase):
     def _run(
         self, input: Tensor, hx: Tensor, batch_sizes: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        # Read the parameters by name, not from the cached _flat_weights, so that
-        # torch.func.functional_call and parametrizations see the tensors they substitute.
-        weights = [getattr(self, name) for name in self._flat_weights_names]
+        weights = _current_weights(self)
         cast_to, result_dtype = _gru_autocast(input.device, hx.dtype)
         if cast_to is None and result_dtype is None:
             return self._gru(input, hx, weights, batch_sizes)

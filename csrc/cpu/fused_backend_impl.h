@@ -1198,8 +1198,10 @@ class SingleStepFloatBackend final : public StepBackend {
                    std::min(kTileRows, batch - row0), p);
         }
       }
+      // The saved activations' streaming stores (LstmForwardOutput::save_units), fenced on the
+      // thread that made them.
+      _mm_sfence();
     });
-    _mm_sfence();  // the saved activations' streaming stores (LstmForwardOutput::save_units)
     return true;
   }
 

@@ -308,3 +308,26 @@ def test_grad_only_for_some_inputs():
     (g_t,) = torch.autograd.grad(theirs(x)[1][0].sum(), x)
     (g_o,) = torch.autograd.grad(ours(x)[1][0].sum(), x)
     assert_close(g_o, g_t, torch.float64, "grad through h_n only")
+
+
+def test_parametrized_and_pruned_weights_are_the_ones_used():
+    # The module reads each weight as it is at call time (lstm_ext.modules._current_weights):
+    # a parametrization replaces the parameter with a property, pruning with a plain attribute,
+    # and neither leaves it in _parameters under its own name.
+    from torch.nn.utils import parametrize, prune
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(5, 7, num_layers=2)
+    ours = lstm_ext.LSTM.from_torch(theirs)
+    x = torch.randn(3, 2, 5)
+    before = ours(x)[0].detach()
+    for module in (theirs, ours):
+        parametrize.register_parametrization(module, "weight_hh_l0", Doubled())
+        prune.l1_unstructured(module, "weight_ih_l1", amount=0.5)
+    expected, actual = theirs(x)[0], ours(x)[0]
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(actual, before, atol=1e-3)

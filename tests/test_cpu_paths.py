@@ -89,6 +89,27 @@ PARITY_SCRIPT = textwrap.dedent(
                 results.append((out, h, c, *torch.autograd.grad(loss, [padded, *m.parameters()])))
             for e, a in zip(*results):
                 torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+    # The GRU's single step (SingleStepFloatBackend: the n gate's input and recurrent halves kept
+    # apart) up to four register tiles of rows and beyond, and GRUCell, with and without biases.
+    for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
+        for N, C, H, bias in ((1, 40, 37, True), (7, 9, 130, False), (24, 33, 64, True),
+                              (25, 5, 20, True)):
+            theirs = torch.nn.GRU(C, H, 2, bias=bias, dtype=dtype)
+            ours = lstm_ext.GRU.from_torch(theirs)
+            x = torch.randn(1, N, C, dtype=dtype, requires_grad=True)
+            h0 = torch.randn(2, N, H, dtype=dtype, requires_grad=True)
+            results = []
+            for m in (theirs, ours):
+                out, h = m(x, h0)
+                loss = out.square().sum() + 2 * h.sum()
+                results.append((out, h, *torch.autograd.grad(loss, [x, h0, *m.parameters()])))
+            for e, a in zip(*results):
+                torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+            theirs_cell = torch.nn.GRUCell(C, H, bias=bias, dtype=dtype)
+            ours_cell = lstm_ext.GRUCell.from_torch(theirs_cell)
+            with torch.no_grad():
+                torch.testing.assert_close(ours_cell(x[0], h0[0]), theirs_cell(x[0], h0[0]),
+                                           rtol=tol, atol=tol)
     # The float32 tanh (our own on the SIMD paths) within 2 ulp of float64 tanh. With zero weights,
     # i = sigmoid(100) = 1 and f = sigmoid(-100) * 0 = 0 exactly, so c_n = tanh(b_g) and
     # h_n = tanh(c_n) straight from the kernel.

@@ -76,7 +76,8 @@ def test_float32_results_do_not_depend_on_thread_count(batch, features):
     lambda: lstm_ext.LSTM(48, 520, num_layers=2),
     lambda: lstm_ext.LSTM(48, 520, peephole=True, coupled_gates=True),
     lambda: lstm_ext.LSTM(48, 520, zoneout=0.2),
-], ids=["lstm", "peephole-coupled", "zoneout"])
+    lambda: lstm_ext.GRU(48, 520, num_layers=2),
+], ids=["lstm", "peephole-coupled", "zoneout", "gru"])
 @pytest.mark.parametrize("batch", [1, 7, 20], ids=lambda n: f"N{n}")
 def test_single_step_float32_forward_does_not_depend_on_thread_count(make, batch):
     # T = 1 (SingleStepFloatBackend): threads split the hidden units (H = 520: 33 panels, enough
@@ -93,10 +94,11 @@ def test_single_step_float32_forward_does_not_depend_on_thread_count(make, batch
         for count in (1, 2, 3):
             torch.set_num_threads(count)
             torch.manual_seed(1)  # zoneout's masks
-            output, (h_n, c_n) = module(x)
+            output, states = module(x)  # states: (h_n, c_n), or the GRU's h_n
             with torch.no_grad():
-                inference = module(x)
-            results.append([output, h_n, c_n, inference[0], *inference[1]])
+                inference, inference_states = module(x)
+            results.append([output, inference,
+                            *torch.utils._pytree.tree_leaves((states, inference_states))])
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:

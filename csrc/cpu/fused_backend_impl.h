@@ -1147,12 +1147,12 @@ class FusedFloatBackend final : public StepBackend {
   PackedB plain_w_hh_t_;  // the layer-norm step's W_hh^T, columns in plain order (lazily)
 };
 
-// The backend for a single LSTM step (T = 1: streaming, decoding, LSTMCell) of a few rows:
+// The backend for a single step (T = 1: streaming, decoding, LSTMCell, GRUCell) of a few rows:
 // the step's whole GEMM, bias + x W_ih^T + h W_hh^T, runs on the weights as they are stored
-// (tile_multiply_rows), tile by tile into the LSTM epilogue of the sequence backend. There is no
-// packed copy to make, which at T = 1 would cost more than the GEMM, and no [N, 4H]
-// pre-activations to write and read back. Everything else (larger batches, the backward pass,
-// the GRU) is ATen's, as for any single step.
+// (tile_multiply_rows), tile by tile into the cell's epilogue of the sequence backend. There is
+// no packed copy to make, which at T = 1 would cost more than the GEMM, and no [N, G*H]
+// pre-activations to write and read back. Everything else (larger batches, the backward pass)
+// is ATen's, as for any single step.
 class SingleStepFloatBackend final : public StepBackend {
  public:
   using StepBackend::StepBackend;
@@ -1165,13 +1165,17 @@ class SingleStepFloatBackend final : public StepBackend {
 
   bool fuses_input_projection(Cell cell, int64_t batch, int64_t features,
                               int64_t hidden) const override {
-    return is_lstm(cell) && batch > 0 && batch <= kMaxRows && features > 0 && hidden > 0;
+    return batch > 0 && batch <= kMaxRows && features > 0 && hidden > 0;
   }
 
   bool forward_recurrence(const ForwardRecurrenceArgs& args) override {
-    if (!is_lstm(args.cell) || args.steps != 1 || args.input == nullptr ||
+    if (args.steps != 1 || args.input == nullptr ||
         !fuses_input_projection(args.cell, args.batch, args.features, args.hidden)) {
       return false;
+    }
+    if (args.cell == Cell::kGru) {
+      gru_step(args);
+      return true;
     }
     const at::Tensor& w_hh = w_hh_;  // contiguous (forward_unchecked's begin_forward)
     const int64_t batch = args.batch, hidden = args.hidden, features = args.features;
@@ -1183,13 +1187,8 @@ class SingleStepFloatBackend final : public StepBackend {
     const auto* input = static_cast<const float*>(args.input);
     const PlainOutput bias{nullptr, 0, &w_ih_layout, static_cast<const float*>(args.bias)};
     const ForwardStepView step = forward_step_view(args, /*k=*/0, /*r0=*/0, batch);
-    // Panels (kVecWidth hidden units, every gate of each) over ATen's threads, where a panel's
-    // share of the weights is worth waking a thread for; each panel's sums are the same whoever
-    // runs it.
-    constexpr int64_t kMinFlopsPerTask = 1 << 18;
-    const int64_t panel_flops = 2 * batch * (features + w_hh.size(1)) * kPanelWidth;
-    const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / panel_flops);
-    at::parallel_for(0, w_hh_layout.panels, grain, [&](int64_t begin, int64_t end) {
+    // Panels (kVecWidth hidden units, every gate of each) over ATen's threads.
+    at::parallel_for(0, w_hh_layout.panels, panel_grain(args), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t row0 = 0; row0 < batch; row0 += kTileRows) {
           run_tile(OperandA{input + row0 * features, features, 1}, w_ih, w_ih_layout,
@@ -1206,6 +1205,67 @@ class SingleStepFloatBackend final : public StepBackend {
   }
 
  private:
+  // The GRU's step, as the LSTM's with the GRU's epilogue: r and z sum both products, while the n
+  // gate's input half goes to vector 3 and its recurrent half to vector 2 (r multiplies only the
+  // latter), as in the sequence backend's run_gru_tile.
+  void gru_step(const ForwardRecurrenceArgs& args) {
+    const at::Tensor& w_hh = w_hh_;  // contiguous (forward_unchecked's begin_forward)
+    const int64_t batch = args.batch, hidden = args.hidden, features = args.features;
+    const PackedB w_ih_layout =
+        unpacked_gate_layout(features, 3 * hidden, GateLayout{3, {0, 1, -1, 2}});
+    const PackedB w_hh_layout = unpacked_gate_layout(hidden, 3 * hidden, kGruGates);
+    const auto* w_ih = static_cast<const float*>(args.w_ih);
+    const auto* input = static_cast<const float*>(args.input);
+    const auto* h0 = static_cast<const float*>(args.h0);
+    const GruForwardOutput out{static_cast<float*>(args.gates),
+                               static_cast<const float*>(args.bias_hn),
+                               h0,
+                               args.training ? static_cast<float*>(args.cells) : nullptr,
+                               static_cast<float*>(args.output),
+                               hidden,
+                               args.training,
+                               /*input_fused=*/true,
+                               static_cast<const float*>(args.bias),
+                               /*stream_saved=*/true};
+    at::parallel_for(0, w_hh_layout.panels, panel_grain(args), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        for (int64_t row0 = 0; row0 < batch; row0 += kTileRows) {
+          run_gru_tile(OperandA{input + row0 * features, features, 1}, w_ih, w_ih_layout,
+                       OperandA{h0 + row0 * hidden, hidden, 1}, w_hh.const_data_ptr<float>(),
+                       w_hh_layout, out, row0, std::min(kTileRows, batch - row0), p);
+        }
+      }
+      _mm_sfence();  // the saved activations' streaming stores, on the thread that made them
+    });
+  }
+
+  // Panels per task of ATen's threads: enough of the weights to be worth waking a thread for.
+  // Each panel's sums are the same whoever runs it.
+  int64_t panel_grain(const ForwardRecurrenceArgs& args) const {
+    constexpr int64_t kMinFlopsPerTask = 1 << 18;
+    const int64_t panel_flops = 2 * args.batch * (args.features + w_hh_.size(1)) * kPanelWidth;
+    return std::max<int64_t>(1, kMinFlopsPerTask / panel_flops);
+  }
+
+  template <int64_t kRows = kTileRows>
+  static void run_gru_tile(const OperandA& x, const float* w_ih, const PackedB& w_ih_layout,
+                           const OperandA& h, const float* w_hh, const PackedB& w_hh_layout,
+                           const GruForwardOutput& out, int64_t row0, int64_t rows,
+                           int64_t panel) {
+    if constexpr (kRows > 1) {
+      if (rows < kRows) {
+        run_gru_tile<kRows - 1>(x, w_ih, w_ih_layout, h, w_hh, w_hh_layout, out, row0, rows,
+                                panel);
+        return;
+      }
+    }
+    RawVec acc[kRows][kPanelVecs];
+    out.init<kRows>(panel, acc);
+    tile_multiply_rows<kRows>(x, w_ih, /*ld_w=*/w_ih_layout.k, w_ih_layout, panel, acc);
+    tile_multiply_rows<kRows>(h, w_hh, /*ld_w=*/w_hh_layout.k, w_hh_layout, panel, acc);
+    out.finish<kRows>(row0, panel, acc);
+  }
+
   template <int64_t kRows = kTileRows>
   static void run_tile(const OperandA& x, const float* w_ih, const PackedB& w_ih_layout,
                        const OperandA& h, const float* w_hh, const PackedB& w_hh_layout,

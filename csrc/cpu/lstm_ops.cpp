@@ -197,8 +197,8 @@ GruGradients gru_backward_cpu(const at::Tensor& grad_output, const at::Tensor& g
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_forward_cpu(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool training) {
-  StepBackend backend(kernel_set().pointwise);
-  return gru_cell_forward(input, hx, w_ih, w_hh, b_ih, b_hh, training, backend);
+  const auto backend = make_backend(input.scalar_type(), /*steps=*/1);
+  return gru_cell_forward(input, hx, w_ih, w_hh, b_ih, b_hh, training, *backend);
 }
 
 GruGradients gru_cell_backward_cpu(const at::Tensor& grad_h, const at::Tensor& input,

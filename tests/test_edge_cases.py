@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import assert_close, paired_lstms
@@ -253,3 +257,54 @@ def test_nan_and_inf_propagate_like_torch(dtype, bad, packed):
         assert_close(a[finite], e[finite], dtype, f"finite values of result {i}")
     if bad != bad:
         assert actual[0].isnan().any()  # a NaN input reaches the output
+
+
+HAND_OVER_SCRIPT = """
+import sys, torch, lstm_ext
+torch.manual_seed(0)
+results = []
+# Batches that make the threads split panels (a barrier per step): N < 6 * threads on AVX-512,
+# with and without the fused input projection (N >= 16 on 3 threads), LSTM, GRU and a variant,
+# forward (training and inference) and backward.
+for make, batch, threads in [
+    (lambda: lstm_ext.LSTM(48, 130, 2, bidirectional=True), 7, 2),
+    (lambda: lstm_ext.LSTM(48, 130), 16, 3),
+    (lambda: lstm_ext.GRU(48, 130, 2), 5, 2),
+    (lambda: lstm_ext.GRU(48, 130), 17, 3),
+    (lambda: lstm_ext.LSTM(48, 130, peephole=True, zoneout=0.2), 3, 2),
+]:
+    torch.set_num_threads(threads)
+    module = make()
+    x = torch.randn(9, batch, 48, requires_grad=True)
+    torch.manual_seed(1)  # zoneout's masks
+    output = module(x)[0]
+    grads = torch.autograd.grad(output.square().sum(), [x, *module.parameters()])
+    with torch.no_grad():
+        inference = module(x)[0]
+    results.append([output.detach(), inference, *grads])
+torch.save(results, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(
+    lstm_ext.build_info()["cpu_capability"] == "DEFAULT",
+    reason="the DEFAULT kernel set has no persistent threads to hand over",
+)
+def test_recurrence_handed_to_one_thread_gives_the_same_bits(tmp_path):
+    # Under load a recurrence whose threads stall at their barriers hands its remaining steps to
+    # one thread, and for a while after it the kernels run on one thread (StepSync,
+    # cores_recently_busy). LSTM_EXT_HAND_OVER_AT_STEP forces that mid-sequence: the results
+    # must be bitwise those of the undisturbed team, and nothing may hang.
+    paths = {}
+    for label, step in (("team", None), ("handed", "3"), ("first", "0")):
+        env = {k: v for k, v in os.environ.items() if k != "LSTM_EXT_HAND_OVER_AT_STEP"}
+        if step is not None:
+            env["LSTM_EXT_HAND_OVER_AT_STEP"] = step
+        paths[label] = tmp_path / f"{label}.pt"
+        subprocess.run([sys.executable, "-c", HAND_OVER_SCRIPT, str(paths[label])], env=env,
+                       check=True, timeout=240)
+    expected = torch.load(paths["team"])
+    for label in ("handed", "first"):
+        for case_expected, case_actual in zip(expected, torch.load(paths[label])):
+            for a, b in zip(case_expected, case_actual):
+                assert torch.equal(a, b), label

@@ -16,7 +16,12 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <limits>
 #include <memory>
+#include <vector>
 
 #include "../common/lstm_sequence.h"
 #include "lstm_pointwise_impl.h"
@@ -472,6 +477,13 @@ struct GruBackwardOutput {
   }
 };
 
+// The rows of a batch never meet in a recurrence (row n of h_t needs only row n of h_{t-1}), so
+// when every thread gets at least a full tile of rows, each runs its own rows through the whole
+// sequence: no barrier between steps, and each reads only state it wrote itself. Otherwise (small
+// batches) the threads split the hidden units, all rows each, and wait for each other after every
+// step, since each step reads all of h_{t-1}.
+inline bool splits_rows(int64_t batch, int64_t team) { return batch >= team * kTileRows; }
+
 // Threads for a whole recurrence: as many as ATen may use, but no more than there are shares of
 // work (panels, or tiles of batch rows), and only where a step's work outweighs a barrier (a
 // fraction of a microsecond) by a wide margin.
@@ -479,7 +491,10 @@ inline int64_t recurrence_threads(int64_t flops_per_step, int64_t batch, int64_t
   constexpr int64_t kMinFlopsPerThread = 1 << 16;
   const int64_t wanted = std::max<int64_t>(1, flops_per_step / kMinFlopsPerThread);
   const int64_t shares = std::max(panels, batch / kTileRows);
-  return std::min({wanted, shares, static_cast<int64_t>(at::get_num_threads())});
+  const int64_t threads = std::min({wanted, shares, static_cast<int64_t>(at::get_num_threads())});
+  // A team that would meet at a barrier every step runs on one thread for a while after a
+  // recurrence stalled (StepSync): its first stall alone costs a time slice (~4 ms).
+  return threads > 1 && !splits_rows(batch, threads) && cores_recently_busy() ? 1 : threads;
 }
 
 // One thread's share of a recurrence: rows [row_begin, row_end) of the batch and panels
@@ -489,12 +504,6 @@ struct RecurrenceShare {
   int64_t rows() const { return row_end - row_begin; }
 };
 
-// The rows of a batch never meet in a recurrence (row n of h_t needs only row n of h_{t-1}), so
-// when every thread gets at least a full tile of rows, each runs its own rows through the whole
-// sequence: no barrier between steps, and each reads only state it wrote itself. Otherwise (small
-// batches) the threads split the hidden units, all rows each, and wait for each other after every
-// step, since each step reads all of h_{t-1}.
-inline bool splits_rows(int64_t batch, int64_t team) { return batch >= team * kTileRows; }
 
 inline RecurrenceShare recurrence_share(int64_t batch, int64_t panels, int64_t thread,
                                         int64_t team) {
@@ -524,6 +533,123 @@ inline void team_barrier(int64_t threads) {
 #pragma omp barrier
   }
 }
+
+// What the threads of one recurrence share to hand its remaining steps to one of them; see
+// StepSync.
+struct HandOver {
+  explicit HandOver(int64_t threads) : waits(static_cast<size_t>(std::max<int64_t>(threads, 1))) {
+    for (auto& wait : waits) wait.store(0, std::memory_order_relaxed);
+  }
+  // The step after whose barrier only `survivor` runs on; max: not handed over.
+  std::atomic<int64_t> from_step{std::numeric_limits<int64_t>::max()};
+  std::atomic<int64_t> survivor{0};
+  // Each thread's wait at its latest barrier, in nanoseconds.
+  std::vector<std::atomic<int64_t>> waits;
+};
+
+// One thread's side of a recurrence's steps: the panels it runs, and the barrier that ends each
+// step when the team splits panels (StepSync does nothing for a team that splits rows, which
+// never waits).
+//
+// Why hand over: when another process takes a core, the thread sharing it is descheduled for
+// whole time slices and every barrier waits for it (T50 N1 H128 training with one busy process on
+// 2 cores: 3.56 ms on two threads, 1.55 ms on one, torch 1.56). So thread 0 watches the waits,
+// and once one far exceeds a step's work, the thread that waited longest (the one that had a
+// core) runs every panel of the remaining steps alone, with no barrier; and recurrences that
+// start in the next 100 ms take one thread from the outset (cores_recently_busy). Each panel's
+// sums are the same whichever thread runs it, so the results stay bitwise the same.
+// LSTM_EXT_HAND_OVER_AT_STEP=k forces the hand-over after step k, to the team's last thread (for
+// tests).
+class StepSync {
+ public:
+  StepSync(HandOver& shared, RecurrenceShare& share, int64_t panels, int64_t thread, int64_t team,
+           bool splits_panels)
+      : shared_(shared), share_(share), panels_(panels), thread_(thread), team_(team),
+        barrier_(splits_panels && team > 1), step_start_(Clock::now()) {}
+
+  // After the thread's share of step k. False: the rest of the sequence went to another thread,
+  // and this one must stop (run no further step nor anything after the steps).
+  bool end_step(int64_t k) {
+    if (!barrier_) {
+      return true;
+    }
+    const Clock::time_point arrived = Clock::now();
+    if (thread_ == 0) {
+      consider_hand_over(k, nanoseconds(arrived - step_start_));
+    }
+    team_barrier(team_);
+    const Clock::time_point left = Clock::now();
+    shared_.waits[static_cast<size_t>(thread_)].store(nanoseconds(left - arrived),
+                                                      std::memory_order_relaxed);
+    // Read after the barrier, and only for a decision made before it: a thread that is late
+    // reading the previous step's decision must not act on this one's.
+    if (k >= shared_.from_step.load(std::memory_order_acquire)) {
+      barrier_ = false;
+      if (thread_ != shared_.survivor.load(std::memory_order_relaxed)) {
+        return false;
+      }
+      share_.panel_begin = 0;
+      share_.panel_end = panels_;
+    }
+    step_start_ = left;
+    return true;
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  // A wait is a stall when it exceeds both this many of the quickest step's work and this floor
+  // (jitter and a thread's wake-up take microseconds; a descheduled thread costs a time slice,
+  // ~4 ms). The first steps' waits include the team's start, and are not judged.
+  static constexpr int64_t kStallFactor = 8;
+  static constexpr int64_t kMinStallNs = 1'000'000;
+  static constexpr int64_t kFirstJudgedStep = 2;
+
+  static int64_t nanoseconds(Clock::duration d) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count();
+  }
+
+  static int64_t forced_step() {
+    static const int64_t step = [] {
+      const char* value = std::getenv("LSTM_EXT_HAND_OVER_AT_STEP");
+      return value != nullptr ? std::atoll(value) : int64_t{-1};
+    }();
+    return step;
+  }
+
+  // Thread 0, before step k's barrier: the waits the threads last reported against its own work.
+  void consider_hand_over(int64_t k, int64_t work_ns) {
+    min_work_ns_ = std::min(min_work_ns_, work_ns);
+    int64_t longest = 0, waiter = 0;
+    for (int64_t i = 0; i < team_; ++i) {
+      const int64_t wait = shared_.waits[static_cast<size_t>(i)].load(std::memory_order_relaxed);
+      if (wait > longest) {
+        longest = wait;
+        waiter = i;
+      }
+    }
+    bool hand_over = false;
+    if (forced_step() >= 0) {
+      hand_over = k == forced_step();
+      waiter = team_ - 1;
+    } else if (k >= kFirstJudgedStep && longest > kMinStallNs &&
+               longest > kStallFactor * min_work_ns_) {
+      hand_over = true;
+    }
+    if (hand_over) {
+      // Forced ones too, so that tests also run what follows a stall (cores_recently_busy).
+      last_stall_ns().store(steady_now_ns(), std::memory_order_relaxed);
+      shared_.survivor.store(waiter, std::memory_order_relaxed);
+      shared_.from_step.store(k, std::memory_order_release);
+    }
+  }
+
+  HandOver& shared_;
+  RecurrenceShare& share_;
+  const int64_t panels_, thread_, team_;
+  bool barrier_;
+  Clock::time_point step_start_;
+  int64_t min_work_ns_ = std::numeric_limits<int64_t>::max();
+};
 
 // How W_hh^T (and W_ih^T when an LSTM step fuses its input projection) is packed in gate order.
 inline GateLayout recurrent_gate_layout(Cell cell) {
@@ -756,7 +882,7 @@ class FusedFloatBackend final : public StepBackend {
     const float* h_rows = h_prev.const_data_ptr<float>();
     constexpr int64_t kMinFlopsPerTask = 1 << 20;
     const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / (2 * rows * b.k * kPanelWidth));
-    at::parallel_for(0, b.panels, grain, [&](int64_t begin, int64_t end) {
+    parallel_for_unless_busy(0, b.panels, grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t row0 = 0; row0 < rows; row0 += kTileRows) {
           run_gru_tile(nullptr, nullptr, OperandA{h_rows + row0 * hidden_, hidden_, 1}, b, out,
@@ -783,15 +909,17 @@ class FusedFloatBackend final : public StepBackend {
     }
     const int64_t batch = args.batch;
     const int64_t threads = recurrence_threads(2 * batch * b.k * b.cols, batch, b.panels);
+    HandOver hand_over(threads);
     run_on_threads(threads, [&](int64_t thread, int64_t team) {
-      const RecurrenceShare share = recurrence_share(batch, b.panels, thread, team);
+      RecurrenceShare share = recurrence_share(batch, b.panels, thread, team);
+      StepSync sync(hand_over, share, b.panels, thread, team, !splits_rows(batch, team));
       const int64_t r0 = share.row_begin;
       for (int64_t k = 0; k < args.steps; ++k) {
         const ForwardStepView step = forward_step_view(args, k, r0, share.rows());
         packed_gemm_panels(OperandA{step.h_prev, b.k, 1}, share.rows(), b, step.out,
                            /*accumulate=*/true, share.panel_begin, share.panel_end);
-        if (!splits_rows(batch, team)) {
-          team_barrier(team);
+        if (!sync.end_step(k)) {
+          break;
         }
       }
       _mm_sfence();  // the saved activations' streaming stores (LstmForwardOutput::save_units)
@@ -923,8 +1051,10 @@ class FusedFloatBackend final : public StepBackend {
     const PlainOutput bias{nullptr, 0, &w_ih, static_cast<const float*>(args.bias)};
     const int64_t threads =
         recurrence_threads(2 * batch * (features + hidden) * 4 * hidden, batch, w_hh.panels);
+    HandOver hand_over(threads);
     run_on_threads(threads, [&](int64_t thread, int64_t team) {
-      const RecurrenceShare share = recurrence_share(batch, w_hh.panels, thread, team);
+      RecurrenceShare share = recurrence_share(batch, w_hh.panels, thread, team);
+      StepSync sync(hand_over, share, w_hh.panels, thread, team, !splits_rows(batch, team));
       const int64_t r0 = share.row_begin, rows = share.rows();
       const int64_t row_tiles = (rows + kTileRows - 1) / kTileRows;
       for (int64_t k = 0; k < args.steps; ++k) {
@@ -945,8 +1075,8 @@ class FusedFloatBackend final : public StepBackend {
             }
           }
         }
-        if (!splits_rows(batch, team)) {
-          team_barrier(team);
+        if (!sync.end_step(k)) {
+          break;
         }
       }
       _mm_sfence();  // the saved activations' streaming stores (LstmForwardOutput::save_units)
@@ -1017,8 +1147,10 @@ class FusedFloatBackend final : public StepBackend {
     const int64_t k_total = hidden + (input_fused ? features : 0);
     const int64_t threads =
         recurrence_threads(2 * batch * k_total * 3 * hidden, batch, w_hh.panels);
+    HandOver hand_over(threads);
     run_on_threads(threads, [&](int64_t thread, int64_t team) {
-      const RecurrenceShare share = recurrence_share(batch, w_hh.panels, thread, team);
+      RecurrenceShare share = recurrence_share(batch, w_hh.panels, thread, team);
+      StepSync sync(hand_over, share, w_hh.panels, thread, team, !splits_rows(batch, team));
       const int64_t r0 = share.row_begin, rows = share.rows();
       const int64_t row_tiles = (rows + kTileRows - 1) / kTileRows;
       for (int64_t k = 0; k < args.steps; ++k) {
@@ -1050,8 +1182,8 @@ class FusedFloatBackend final : public StepBackend {
             }
           }
         }
-        if (!splits_rows(batch, team)) {
-          team_barrier(team);
+        if (!sync.end_step(k)) {
+          break;
         }
       }
       _mm_sfence();  // the saved activations' streaming stores (store_saved)
@@ -1104,8 +1236,10 @@ class FusedFloatBackend final : public StepBackend {
     const auto* d_gates = static_cast<const float*>(args.d_gates);
     auto* d_h = static_cast<float*>(args.d_h);
     const int64_t threads = recurrence_threads(2 * batch * b.k * b.cols, batch, b.panels);
+    HandOver hand_over(threads);
     run_on_threads(threads, [&](int64_t thread, int64_t team) {
-      const RecurrenceShare share = recurrence_share(batch, b.panels, thread, team);
+      RecurrenceShare share = recurrence_share(batch, b.panels, thread, team);
+      StepSync sync(hand_over, share, b.panels, thread, team, !splits_rows(batch, team));
       const int64_t r0 = share.row_begin, rows = share.rows();
       // Every pointer below starts at the share's first row.
       const PlainOutput d_h_out{d_h + r0 * hidden, hidden, &b};
@@ -1128,8 +1262,8 @@ class FusedFloatBackend final : public StepBackend {
                              b, out, accumulate, share.panel_begin, share.panel_end);
         }
         later_t = t;
-        if (!splits_rows(batch, team)) {
-          team_barrier(team);
+        if (!sync.end_step(k)) {
+          return;  // the remaining steps and grad_h0 went to another thread
         }
       }
       // grad_h0: the gradient through the first step's recurrent GEMM (accumulated as above).
@@ -1188,7 +1322,7 @@ class SingleStepFloatBackend final : public StepBackend {
     const PlainOutput bias{nullptr, 0, &w_ih_layout, static_cast<const float*>(args.bias)};
     const ForwardStepView step = forward_step_view(args, /*k=*/0, /*r0=*/0, batch);
     // Panels (kVecWidth hidden units, every gate of each) over ATen's threads.
-    at::parallel_for(0, w_hh_layout.panels, panel_grain(args), [&](int64_t begin, int64_t end) {
+    parallel_for_unless_busy(0, w_hh_layout.panels, panel_grain(args), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t row0 = 0; row0 < batch; row0 += kTileRows) {
           run_tile(OperandA{input + row0 * features, features, 1}, w_ih, w_ih_layout,
@@ -1227,7 +1361,7 @@ class SingleStepFloatBackend final : public StepBackend {
                                /*input_fused=*/true,
                                static_cast<const float*>(args.bias),
                                /*stream_saved=*/true};
-    at::parallel_for(0, w_hh_layout.panels, panel_grain(args), [&](int64_t begin, int64_t end) {
+    parallel_for_unless_busy(0, w_hh_layout.panels, panel_grain(args), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t row0 = 0; row0 < batch; row0 += kTileRows) {
           run_gru_tile(OperandA{input + row0 * features, features, 1}, w_ih, w_ih_layout,

@@ -38,7 +38,7 @@ inline void narrow_product(const float* a, int64_t lda, int64_t m_size, int64_t 
   const at::Tensor b_t = b.t().contiguous();  // [N, K]
   const float* bt = b_t.const_data_ptr<float>();
   constexpr int64_t kMinRowsPerTask = 64;
-  at::parallel_for(0, m_size, kMinRowsPerTask, [&](int64_t begin, int64_t end) {
+  parallel_for_unless_busy(0, m_size, kMinRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const float* row = a + m * lda;
       for (int64_t n = 0; n < n_size; ++n) {
@@ -67,7 +67,7 @@ inline void narrow_transposed_product(const float* d, int64_t ldd, int64_t k_siz
   const int64_t chunk = std::max<int64_t>(256, (k_size + 63) / 64);
   const int64_t chunks = (k_size + chunk - 1) / chunk;
   std::vector<float> partial(static_cast<size_t>(chunks * rows_of_sums * m_size), 0.f);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_unless_busy(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       float* sums = partial.data() + c * rows_of_sums * m_size;
       for (int64_t k = c * chunk; k < std::min(k_size, (c + 1) * chunk); ++k) {

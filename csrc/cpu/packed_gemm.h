@@ -26,7 +26,10 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace lstm_ext::cpu {
@@ -83,6 +86,39 @@ inline void store_units(float* p, const FloatVec& v, int64_t count) {
   } else {
     v.store(p, count);
   }
+}
+
+// When a recurrence last handed its steps to one thread because a thread of its team was
+// descheduled (StepSync, fused_backend_impl.h), in steady-clock nanoseconds; and whether that was
+// recent enough that the cores are likely still busy. For kBusyMemoryNs after it, barrier-bound
+// recurrences start on one thread and the kernels' parallel loops run on the calling thread
+// (parallel_for_unless_busy) rather than wait for a descheduled thread again; then they try
+// their threads again. Results do not depend on the thread count, so this changes only speed.
+inline std::atomic<int64_t>& last_stall_ns() {
+  static std::atomic<int64_t> when{std::numeric_limits<int64_t>::min() / 2};
+  return when;
+}
+inline int64_t steady_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+constexpr int64_t kBusyMemoryNs = 100'000'000;  // 100 ms
+inline bool cores_recently_busy() {
+  return steady_now_ns() - last_stall_ns().load(std::memory_order_relaxed) < kBusyMemoryNs;
+}
+
+// at::parallel_for, or the whole range on the calling thread while the cores are busy: a parallel
+// region ends when its slowest thread does, and a descheduled one holds it for a time slice.
+template <typename Body>
+void parallel_for_unless_busy(int64_t begin, int64_t end, int64_t grain, const Body& body) {
+  if (cores_recently_busy()) {
+    if (begin < end) {
+      body(begin, end);
+    }
+    return;
+  }
+  at::parallel_for(begin, end, grain, body);
 }
 
 enum class ColumnOrder { kPlain, kGates };
@@ -207,7 +243,7 @@ inline PackedB pack_b(const float* src, int64_t k_stride, int64_t col_stride, in
   const bool transposed = k_stride == 1 && col_stride != 1;
   constexpr int64_t kMinElementsPerTask = 1 << 16;
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, k * panel_width));
-  at::parallel_for(0, b.panels, grain, [&](int64_t begin, int64_t end) {
+  parallel_for_unless_busy(0, b.panels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t v = 0; v < vecs; ++v) {
         const int64_t col0 = panel_column(b, p, v);
@@ -620,18 +656,18 @@ void packed_gemm(const OperandA& a, int64_t rows, const PackedB& b, const Output
     const int64_t row_blocks = (row_tiles + kBlockTiles - 1) / kBlockTiles;
     const int64_t grain =
         std::max<int64_t>(1, kMinFlopsPerTask / (flops_per_tile * kBlockTiles * b.panels));
-    at::parallel_for(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
+    parallel_for_unless_busy(0, row_blocks, grain, [&](int64_t begin, int64_t end) {
       packed_gemm_panels(a, rows, b, out, accumulate, 0, b.panels, begin * kBlockTiles,
                          std::min(row_tiles, end * kBlockTiles), a_row_sums);
     });
   } else if (b.panels >= 2 * threads || row_tiles < 2 * threads) {
     const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / (flops_per_tile * row_tiles));
-    at::parallel_for(0, b.panels, grain, [&](int64_t begin, int64_t end) {
+    parallel_for_unless_busy(0, b.panels, grain, [&](int64_t begin, int64_t end) {
       packed_gemm_panels(a, rows, b, out, accumulate, begin, end);
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / (flops_per_tile * b.panels));
-    at::parallel_for(0, row_tiles, grain, [&](int64_t begin, int64_t end) {
+    parallel_for_unless_busy(0, row_tiles, grain, [&](int64_t begin, int64_t end) {
       packed_gemm_panels(a, rows, b, out, accumulate, 0, b.panels, begin, end);
     });
   }

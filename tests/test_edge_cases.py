@@ -260,7 +260,7 @@ def test_nan_and_inf_propagate_like_torch(dtype, bad, packed):
 
 
 HAND_OVER_SCRIPT = """
-import sys, torch, lstm_ext
+import sys, time, torch, lstm_ext
 torch.manual_seed(0)
 results = []
 # Batches that make the threads split panels (a barrier per step): N < 6 * threads on AVX-512,
@@ -276,6 +276,9 @@ for make, batch, threads in [
     torch.set_num_threads(threads)
     module = make()
     x = torch.randn(9, batch, 48, requires_grad=True)
+    # Past the 100 ms after the previous case's hand-over: this case's first recurrence hands
+    # over again, and what runs soon after it runs on one thread.
+    time.sleep(0.15)
     torch.manual_seed(1)  # zoneout's masks
     output = module(x)[0]
     grads = torch.autograd.grad(output.square().sum(), [x, *module.parameters()])

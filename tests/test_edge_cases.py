@@ -45,6 +45,21 @@ def test_bitwise_deterministic_run_to_run(dtype, packed):
             assert torch.equal(a, b)
 
 
+def _assert_same_bits_on_1_2_3_threads(run) -> None:
+    """run() -> tensors, on 1, 2 and 3 threads: every tensor bitwise the same each time."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(
     lstm_ext.build_info()["cpu_capability"] == "DEFAULT",
     reason="the DEFAULT kernel set multiplies with ATen GEMMs, whose sums follow the threads",
@@ -59,17 +74,7 @@ def test_float32_results_do_not_depend_on_thread_count(batch, features):
     torch.manual_seed(0)
     lstm = lstm_ext.LSTM(features, 128, num_layers=2, bidirectional=True)
     x = torch.randn(9, batch, features, requires_grad=True)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            results.append(_run_and_grad(lstm, x))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    _assert_same_bits_on_1_2_3_threads(lambda: _run_and_grad(lstm, x))
 
 
 @pytest.mark.skipif(
@@ -92,22 +97,15 @@ def test_single_step_float32_forward_does_not_depend_on_thread_count(make, batch
     torch.manual_seed(0)
     module = make()
     x = torch.randn(1, batch, 48, requires_grad=True)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            torch.manual_seed(1)  # zoneout's masks
-            output, states = module(x)  # states: (h_n, c_n), or the GRU's h_n
-            with torch.no_grad():
-                inference, inference_states = module(x)
-            results.append([output, inference,
-                            *torch.utils._pytree.tree_leaves((states, inference_states))])
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+
+    def run():
+        torch.manual_seed(1)  # zoneout's masks
+        output, states = module(x)  # states: (h_n, c_n), or the GRU's h_n
+        with torch.no_grad():
+            inference, inference_states = module(x)
+        return [output, inference, *torch.utils._pytree.tree_leaves((states, inference_states))]
+
+    _assert_same_bits_on_1_2_3_threads(run)
 
 
 @pytest.mark.skipif(
@@ -127,20 +125,13 @@ def test_other_cells_float32_results_do_not_depend_on_thread_count(make, batch):
     torch.manual_seed(0)
     module = make()
     x = torch.randn(12, batch, 48, requires_grad=True)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            torch.manual_seed(1)  # zoneout's masks
-            output = module(x)[0]
-            results.append([output, *torch.autograd.grad(output.square().sum(),
-                                                          [x, *module.parameters()])])
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+
+    def run():
+        torch.manual_seed(1)  # zoneout's masks
+        output = module(x)[0]
+        return [output, *torch.autograd.grad(output.square().sum(), [x, *module.parameters()])]
+
+    _assert_same_bits_on_1_2_3_threads(run)
 
 
 def test_dropout_masks_reproducible_under_manual_seed():

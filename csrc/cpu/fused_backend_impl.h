@@ -1311,45 +1311,26 @@ class SingleStepFloatBackend final : public StepBackend {
       gru_step(args);
       return true;
     }
-    const at::Tensor& w_hh = w_hh_;  // contiguous (forward_unchecked's begin_forward)
-    const int64_t batch = args.batch, hidden = args.hidden, features = args.features;
-    const int64_t cols = gate_count(args.cell) * hidden;
+    const int64_t cols = gate_count(args.cell) * args.hidden;
     const GateLayout gate_layout = recurrent_gate_layout(args.cell);
-    const PackedB w_ih_layout = unpacked_gate_layout(features, cols, gate_layout);
-    const PackedB w_hh_layout = unpacked_gate_layout(w_hh.size(1), cols, gate_layout);
-    const auto* w_ih = static_cast<const float*>(args.w_ih);
-    const auto* input = static_cast<const float*>(args.input);
+    const PackedB w_ih_layout = unpacked_gate_layout(args.features, cols, gate_layout);
+    const PackedB w_hh_layout = unpacked_gate_layout(w_hh_.size(1), cols, gate_layout);
     const PlainOutput bias{nullptr, 0, &w_ih_layout, static_cast<const float*>(args.bias)};
-    const ForwardStepView step = forward_step_view(args, /*k=*/0, /*r0=*/0, batch);
-    // Panels (kVecWidth hidden units, every gate of each) over ATen's threads.
-    parallel_for_unless_busy(0, w_hh_layout.panels, panel_grain(args), [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        for (int64_t row0 = 0; row0 < batch; row0 += kTileRows) {
-          run_tile(OperandA{input + row0 * features, features, 1}, w_ih, w_ih_layout,
-                   OperandA{step.h_prev + row0 * w_hh.size(1), w_hh.size(1), 1},
-                   w_hh.const_data_ptr<float>(), w_hh_layout, bias, step.out, row0,
-                   std::min(kTileRows, batch - row0), p);
-        }
-      }
-      // The saved activations' streaming stores (LstmForwardOutput::save_units), fenced on the
-      // thread that made them.
-      _mm_sfence();
-    });
+    const ForwardStepView step = forward_step_view(args, /*k=*/0, /*r0=*/0, args.batch);
+    run_step(args, w_ih_layout, w_hh_layout, step.h_prev, bias, step.out);
     return true;
   }
 
  private:
   // The GRU's step, as the LSTM's with the GRU's epilogue: r and z sum both products, while the n
   // gate's input half goes to vector 3 and its recurrent half to vector 2 (r multiplies only the
-  // latter), as in the sequence backend's run_gru_tile.
+  // latter), as in the sequence backend's run_gru_tile. The epilogue also seeds the accumulators
+  // (with the input projection's biases).
   void gru_step(const ForwardRecurrenceArgs& args) {
-    const at::Tensor& w_hh = w_hh_;  // contiguous (forward_unchecked's begin_forward)
-    const int64_t batch = args.batch, hidden = args.hidden, features = args.features;
+    const int64_t hidden = args.hidden;
     const PackedB w_ih_layout =
-        unpacked_gate_layout(features, 3 * hidden, GateLayout{3, {0, 1, -1, 2}});
+        unpacked_gate_layout(args.features, 3 * hidden, GateLayout{3, {0, 1, -1, 2}});
     const PackedB w_hh_layout = unpacked_gate_layout(hidden, 3 * hidden, kGruGates);
-    const auto* w_ih = static_cast<const float*>(args.w_ih);
-    const auto* input = static_cast<const float*>(args.input);
     const auto* h0 = static_cast<const float*>(args.h0);
     const GruForwardOutput out{static_cast<float*>(args.gates),
                                static_cast<const float*>(args.bias_hn),
@@ -1361,63 +1342,55 @@ class SingleStepFloatBackend final : public StepBackend {
                                /*input_fused=*/true,
                                static_cast<const float*>(args.bias),
                                /*stream_saved=*/true};
-    parallel_for_unless_busy(0, w_hh_layout.panels, panel_grain(args), [&](int64_t begin, int64_t end) {
+    run_step(args, w_ih_layout, w_hh_layout, h0, out, out);
+  }
+
+  // The step's tiles: panels (kVecWidth hidden units, every gate of each) over ATen's threads,
+  // each panel's row tiles seeded by `seed`, multiplied by both weights (contiguous, as
+  // forward_unchecked passes them: a row of W is K floats long) and finished by `out`.
+  template <typename Seed, typename Output>
+  void run_step(const ForwardRecurrenceArgs& args, const PackedB& w_ih_layout,
+                const PackedB& w_hh_layout, const float* h_prev, const Seed& seed,
+                const Output& out) const {
+    const int64_t batch = args.batch, features = args.features, k_h = w_hh_layout.k;
+    const auto* input = static_cast<const float*>(args.input);
+    const auto* w_ih = static_cast<const float*>(args.w_ih);
+    const float* w_hh = w_hh_.const_data_ptr<float>();  // contiguous (begin_forward's caller)
+    // Panels per task: enough of the weights to be worth waking a thread for. Each panel's sums
+    // are the same whoever runs it.
+    constexpr int64_t kMinFlopsPerTask = 1 << 18;
+    const int64_t panel_flops = 2 * batch * (features + k_h) * kPanelWidth;
+    const int64_t grain = std::max<int64_t>(1, kMinFlopsPerTask / panel_flops);
+    parallel_for_unless_busy(0, w_hh_layout.panels, grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t row0 = 0; row0 < batch; row0 += kTileRows) {
-          run_gru_tile(OperandA{input + row0 * features, features, 1}, w_ih, w_ih_layout,
-                       OperandA{h0 + row0 * hidden, hidden, 1}, w_hh.const_data_ptr<float>(),
-                       w_hh_layout, out, row0, std::min(kTileRows, batch - row0), p);
+          run_tile(OperandA{input + row0 * features, features, 1}, w_ih, w_ih_layout,
+                   OperandA{h_prev + row0 * k_h, k_h, 1}, w_hh, w_hh_layout, seed, out, row0,
+                   std::min(kTileRows, batch - row0), p);
         }
       }
-      _mm_sfence();  // the saved activations' streaming stores, on the thread that made them
+      // The saved activations' streaming stores, fenced on the thread that made them.
+      _mm_sfence();
     });
   }
 
-  // Panels per task of ATen's threads: enough of the weights to be worth waking a thread for.
-  // Each panel's sums are the same whoever runs it.
-  int64_t panel_grain(const ForwardRecurrenceArgs& args) const {
-    constexpr int64_t kMinFlopsPerTask = 1 << 18;
-    const int64_t panel_flops = 2 * args.batch * (args.features + w_hh_.size(1)) * kPanelWidth;
-    return std::max<int64_t>(1, kMinFlopsPerTask / panel_flops);
-  }
-
-  template <int64_t kRows = kTileRows>
-  static void run_gru_tile(const OperandA& x, const float* w_ih, const PackedB& w_ih_layout,
-                           const OperandA& h, const float* w_hh, const PackedB& w_hh_layout,
-                           const GruForwardOutput& out, int64_t row0, int64_t rows,
-                           int64_t panel) {
-    if constexpr (kRows > 1) {
-      if (rows < kRows) {
-        run_gru_tile<kRows - 1>(x, w_ih, w_ih_layout, h, w_hh, w_hh_layout, out, row0, rows,
-                                panel);
-        return;
-      }
-    }
-    RawVec acc[kRows][kPanelVecs];
-    out.init<kRows>(panel, acc);
-    tile_multiply_rows<kRows>(x, w_ih, /*ld_w=*/w_ih_layout.k, w_ih_layout, panel, acc);
-    tile_multiply_rows<kRows>(h, w_hh, /*ld_w=*/w_hh_layout.k, w_hh_layout, panel, acc);
-    out.finish<kRows>(row0, panel, acc);
-  }
-
-  template <int64_t kRows = kTileRows>
+  template <typename Seed, typename Output, int64_t kRows = kTileRows>
   static void run_tile(const OperandA& x, const float* w_ih, const PackedB& w_ih_layout,
                        const OperandA& h, const float* w_hh, const PackedB& w_hh_layout,
-                       const PlainOutput& bias, const LstmForwardOutput& out, int64_t row0,
-                       int64_t rows, int64_t panel) {
+                       const Seed& seed, const Output& out, int64_t row0, int64_t rows,
+                       int64_t panel) {
     if constexpr (kRows > 1) {
       if (rows < kRows) {
-        run_tile<kRows - 1>(x, w_ih, w_ih_layout, h, w_hh, w_hh_layout, bias, out, row0, rows,
-                            panel);
+        run_tile<Seed, Output, kRows - 1>(x, w_ih, w_ih_layout, h, w_hh, w_hh_layout, seed, out,
+                                          row0, rows, panel);
         return;
       }
     }
     RawVec acc[kRows][kPanelVecs];
-    bias.init<kRows>(panel, acc);
-    // Both weights are contiguous: a row of W is K floats long.
+    seed.template init<kRows>(panel, acc);
     tile_multiply_rows<kRows>(x, w_ih, /*ld_w=*/w_ih_layout.k, w_ih_layout, panel, acc);
     tile_multiply_rows<kRows>(h, w_hh, /*ld_w=*/w_hh_layout.k, w_hh_layout, panel, acc);
-    out.finish<kRows>(row0, panel, acc);
+    out.template finish<kRows>(row0, panel, acc);
   }
 };
 

@@ -40,14 +40,15 @@ PARITY_SCRIPT = textwrap.dedent(
         # the K block, no bias.
         (4, 17, 600, 520, 1, True, False, True),
         (3, 16, 9, 40, 2, True, True, False),
-        # T = 1 runs on the weights as stored (SingleStepFloatBackend) up to four register tiles
-        # of rows (24 rows on AVX-512, 12 on AVX2), ragged tiles and K tails included; beyond,
-        # on ATen's GEMMs.
+        # T = 1 runs on the weights as stored (SingleStepFloatBackend) up to 24 rows on AVX-512
+        # and 48 on AVX2, ragged tiles and K tails included; beyond, on ATen's GEMMs.
         (1, 1, 40, 37, 2, True, False, True),
         (1, 7, 9, 130, 1, False, False, False),
         (1, 12, 600, 520, 1, True, True, True),
         (1, 24, 33, 64, 2, False, False, True),
         (1, 25, 33, 64, 1, False, False, True),
+        (1, 48, 17, 40, 1, False, False, True),
+        (1, 49, 17, 40, 1, False, False, True),
     ]
     for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
         for T, N, C, H, L, bi, bf, bias in cases:
@@ -90,10 +91,11 @@ PARITY_SCRIPT = textwrap.dedent(
             for e, a in zip(*results):
                 torch.testing.assert_close(a, e, rtol=tol, atol=tol)
     # The GRU's single step (SingleStepFloatBackend: the n gate's input and recurrent halves kept
-    # apart) up to four register tiles of rows and beyond, and GRUCell, with and without biases.
+    # apart) up to its largest batch (24 rows on AVX-512, 32 on AVX2) and beyond, and GRUCell,
+    # with and without biases.
     for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
         for N, C, H, bias in ((1, 40, 37, True), (7, 9, 130, False), (24, 33, 64, True),
-                              (25, 5, 20, True)):
+                              (25, 5, 20, True), (32, 11, 24, True), (33, 11, 24, False)):
             theirs = torch.nn.GRU(C, H, 2, bias=bias, dtype=dtype)
             ours = lstm_ext.GRU.from_torch(theirs)
             x = torch.randn(1, N, C, dtype=dtype, requires_grad=True)

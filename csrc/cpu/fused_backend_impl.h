@@ -1291,15 +1291,23 @@ class SingleStepFloatBackend final : public StepBackend {
  public:
   using StepBackend::StepBackend;
 
-  // A batch of up to four register tiles: each tile after the first reads the panel's weights
-  // again, from L2. Past that ATen's GEMMs, which reuse each weight across more rows, win:
-  // T = 1, C = H = 512, 2 threads, Zen 4: N = 20 698 us here against 1046 us on ATen's GEMMs,
-  // N = 32 (H = 256) and N = 64 1.4-1.7x slower here.
-  static constexpr int64_t kMaxRows = 4 * kTileRows;
+  // The largest batch run here. Each row tile after the first reads the panel's weights again,
+  // from L2; past some batch ATen's GEMMs, which reuse each weight across more rows, win. Where
+  // depends on ATen's GEMM (MKL) on the CPU at hand, measured at T = 1, 2 threads, paired in one
+  // process:
+  // - AVX-512 (Zen 4): up to 24 rows. C = H = 512: N = 20 698 us here against 1046 us on ATen's
+  //   GEMMs; N = 32 (H = 256) and N = 64 1.4-1.7x slower here.
+  // - AVX2 (Zen 3, where MKL reaches 45-70 GFLOP/s at these shapes): the LSTM up to 48 rows,
+  //   H = 128-1024: N = 16-32 1.0-1.8x faster here, N = 48 1.0-1.6x, N = 64 0.97-1.09x and
+  //   N = 128 0.82-1.17x; the GRU (fewer gates, so less work per weight read) up to 32:
+  //   N = 16-32 0.94-1.68x, N = 48 0.90-1.16x.
+  static constexpr int64_t kMaxLstmRows = kVecWidth == 16 ? 24 : 48;
+  static constexpr int64_t kMaxGruRows = kVecWidth == 16 ? 24 : 32;
 
   bool fuses_input_projection(Cell cell, int64_t batch, int64_t features,
                               int64_t hidden) const override {
-    return batch > 0 && batch <= kMaxRows && features > 0 && hidden > 0;
+    const int64_t max_rows = cell == Cell::kGru ? kMaxGruRows : kMaxLstmRows;
+    return batch > 0 && batch <= max_rows && features > 0 && hidden > 0;
   }
 
   bool forward_recurrence(const ForwardRecurrenceArgs& args) override {

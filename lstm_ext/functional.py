@@ -173,11 +173,8 @@ def lstm(
     if variant is not None and not variant.changes_forward:
         variant = None
     extra_tensors = [t for extras in variant_weights or () for t in extras.values()]
-    if variant is not None:
-        if lstm_onnx.in_onnx_export():
-            raise RuntimeError(
-                f"lstm_ext.LSTM({variant.extra_repr()}): the LSTM variants have no ONNX export yet"
-            )
+    if variant is not None and lstm_onnx.in_onnx_export():
+        lstm_onnx.check_variant_exportable(variant, "LSTM")  # peepholes, coupled gates
     if len(hx) != 2:
         raise RuntimeError("lstm expects two hidden states")
     h0, c0 = hx
@@ -230,15 +227,20 @@ def lstm(
             w = weights[index * per_cell : (index + 1) * per_cell]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if projected else None
-            if variant is not None:
-                out, h, c = variants.run_variant_layer(
-                    variant, variant_weights[index], layer_input, h0[index], c0[index], w[0],
-                    w[1], b_ih, b_hh, w_hr, batch_sizes, direction == 1, train, training,
-                )
-            elif exporting:
+            if exporting:
+                variant_options = {}
+                if variant is not None:
+                    variant_options = dict(peephole=variant_weights[index].get("peephole"),
+                                           coupled_gates=variant.coupled_gates)
                 out, h, c, _, _, _ = lstm_onnx.lstm_forward(
                     layer_input, h0[index], c0[index], w[0], w[1], b_ih, b_hh,
                     reverse=direction == 1, training=False, w_hr=w_hr, batch_sizes=batch_sizes,
+                    **variant_options,
+                )
+            elif variant is not None:
+                out, h, c = variants.run_variant_layer(
+                    variant, variant_weights[index], layer_input, h0[index], c0[index], w[0],
+                    w[1], b_ih, b_hh, w_hr, batch_sizes, direction == 1, train, training,
                 )
             elif training:
                 out, h, c, _, _, _ = ops.apply_lstm_layer(
@@ -331,19 +333,23 @@ def lstm_cell(
                 "Expected all tensors to be on the same device, but found at least two devices, "
                 f"{tensor.device} and {input.device}!"
             )
-    if variant is not None and variant.changes_forward:
+    exporting = lstm_onnx.in_onnx_export()
+    if variant is not None and variant.changes_forward and exporting:
+        # torch.onnx.export: peepholes and coupled gates are the ONNX LSTM node's own.
+        lstm_onnx.check_variant_exportable(variant, "LSTMCell")
+        h_new, c_new, _ = lstm_onnx.lstm_cell_forward(
+            input, h, c, w_ih, w_hh, b_ih, b_hh, False,
+            peephole=(variant_weights or {}).get("peephole"),
+            coupled_gates=variant.coupled_gates,
+        )
+    elif variant is not None and variant.changes_forward:
         extras = list((variant_weights or {}).values())
-        if lstm_onnx.in_onnx_export():
-            raise RuntimeError(
-                f"lstm_ext.LSTMCell({variant.extra_repr()}): the LSTM variants have no ONNX "
-                "export yet"
-            )
         tensors = (input, h, c, w_ih, w_hh, b_ih, b_hh, *extras)
         _, h_new, c_new = variants.run_variant_layer(
             variant, variant_weights or {}, input.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh,
             None, None, False, train, _needs_grad(*tensors) or _forward_mode_active(*tensors),
         )
-    elif lstm_onnx.in_onnx_export():
+    elif exporting:
         # torch.onnx.export: lstm_ext.onnx's stand-in writes the step as an ONNX LSTM node.
         h_new, c_new, _ = lstm_onnx.lstm_cell_forward(input, h, c, w_ih, w_hh, b_ih, b_hh, False)
     elif _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh) or _forward_mode_active(

@@ -22,6 +22,14 @@ The GRU's likewise, one ``GRU`` node each, gates (r, z, n) reordered to ONNX's (
 ONNX's ``LSTM`` has no projection and a ``PackedSequence`` does not survive tracing, so an LSTM
 with ``proj_size > 0`` and packed input raise a ``RuntimeError`` that names the feature.
 
+Of the LSTM variants, peepholes and coupled gates are ONNX's own: ``peephole=True`` becomes the
+node's ``P`` input (ONNX's rows i, o, f from ours i, f, o) and ``coupled_gates=True`` its
+``input_forget=1`` (f = 1 - i), with zero forget rows in ``W``, ``R`` and ``B``, which ONNX's
+shapes require and ``input_forget`` ignores. ``forget_bias`` only initializes, so it exports as
+the plain LSTM. ONNX Runtime computes these nodes as lstm_ext does; OpenVINO's ONNX frontend
+(2026.4.1, measured) ignores P and ``input_forget`` and runs the plain LSTM. ONNX's ``LSTM`` has
+no layer normalization and no zoneout: those raise a ``RuntimeError`` naming the option.
+
 onnx, onnxscript and onnxruntime are optional: nothing here imports them until an export runs.
 
 ``torch.onnx.export(..., verify=True)`` compares the ONNX model with the exported program run in
@@ -50,6 +58,7 @@ except ImportError:
 
 __all__ = [
     "check_packed_input",
+    "check_variant_exportable",
     "custom_translation_table",
     "gru_cell_forward",
     "gru_forward",
@@ -82,6 +91,22 @@ def check_packed_input() -> None:
     """
     if in_onnx_export():
         raise RuntimeError(_PACKED_ERROR)
+
+
+def check_variant_exportable(variant: Any, module: str) -> None:
+    """Raises, for ``lstm_ext.<module>`` with an LSTM variant ONNX's ``LSTM`` cannot express
+    (layer norm, zoneout), the RuntimeError that names it; peepholes and coupled gates pass."""
+    unsupported = [
+        name for name, on in (("layer_norm=True", variant.layer_norm),
+                              (f"zoneout={variant.zoneout}", variant.zoneout > 0)) if on
+    ]
+    if unsupported:
+        raise RuntimeError(
+            f"lstm_ext ONNX export: lstm_ext.{module}({variant.extra_repr()}): "
+            f"{' and '.join(unsupported)} has no ONNX LSTM equivalent (ONNX's LSTM has no layer "
+            "normalization and no zoneout); of the variants, peephole=True (the P input) and "
+            "coupled_gates=True (input_forget=1) export."
+        )
 
 
 def _check_exportable(w_hr: Any, batch_sizes: Any) -> None:
@@ -138,6 +163,22 @@ def _onnx_gate_order(tensor: Tensor, blocks: tuple[int, ...] = _ONNX_GATE_BLOCKS
     return torch.cat([tensor[k * hidden : (k + 1) * hidden] for k in blocks])
 
 
+def _onnx_lstm_rows(tensor: Tensor, coupled_gates: bool) -> Tensor:
+    """Gate rows ``[4H, ...]`` (i, f, g, o), or with coupled gates ``[3H, ...]`` (i, g, o), as
+    ONNX's ``[4H, ...]`` (i, o, f, c); the coupled forget rows, which ONNX's shapes require and
+    its ``input_forget=1`` ignores, are zeros."""
+    if not coupled_gates:
+        return _onnx_gate_order(tensor)
+    hidden = tensor.shape[0] // 3
+    i, g, o = (tensor[k * hidden : (k + 1) * hidden] for k in range(3))
+    return torch.cat([i, o, torch.zeros_like(i), g])
+
+
+def _onnx_peephole(peephole: Tensor) -> Tensor:
+    """Our peephole rows ``[3, H]`` (w_ci, w_cf, w_co) as ONNX's P ``[1, 3H]`` (i, o, f)."""
+    return torch.cat([peephole[0], peephole[2], peephole[1]]).unsqueeze(0)
+
+
 def _symbolic_lstm(
     x: Tensor,
     h0: Tensor,
@@ -147,21 +188,30 @@ def _symbolic_lstm(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     reverse: bool,
+    peephole: Tensor | None = None,
+    coupled_gates: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One ONNX ``LSTM`` node: x ``[T, N, C]``, h0/c0 ``[N, H]`` -> (Y ``[T, 1, N, H]``,
-    Y_h ``[1, N, H]``, Y_c ``[1, N, H]``)."""
+    Y_h ``[1, N, H]``, Y_c ``[1, N, H]``); peephole ``[3, H]`` and coupled_gates as
+    :func:`lstm_ext.ops.lstm_variant_forward` takes them."""
     steps, batch = x.shape[0], x.shape[1]
     hidden = w_hh.shape[1]
-    weights = [_onnx_gate_order(w_ih).unsqueeze(0), _onnx_gate_order(w_hh).unsqueeze(0)]
+    weights = [_onnx_lstm_rows(w, coupled_gates).unsqueeze(0) for w in (w_ih, w_hh)]
     bias = None
     if b_ih is not None and b_hh is not None:
-        bias = torch.cat([_onnx_gate_order(b_ih), _onnx_gate_order(b_hh)]).unsqueeze(0)
+        bias = torch.cat([_onnx_lstm_rows(b, coupled_gates) for b in (b_ih, b_hh)]).unsqueeze(0)
+    attributes = {"hidden_size": hidden, "direction": "reverse" if reverse else "forward"}
+    if coupled_gates:
+        attributes["input_forget"] = 1
     # Inputs X, W, R, B, sequence_lens (absent: every sequence runs all T steps), initial_h,
-    # initial_c.
+    # initial_c, P.
+    inputs = [x, *weights, bias, None, h0.unsqueeze(0), c0.unsqueeze(0)]
+    if peephole is not None:
+        inputs.append(_onnx_peephole(peephole))
     y, y_h, y_c = torch.onnx.ops.symbolic_multi_out(
         "LSTM",
-        [x, *weights, bias, None, h0.unsqueeze(0), c0.unsqueeze(0)],
-        {"hidden_size": hidden, "direction": "reverse" if reverse else "forward"},
+        inputs,
+        attributes,
         dtypes=[x.dtype] * 3,
         shapes=[[steps, 1, batch, hidden], [1, batch, hidden], [1, batch, hidden]],
     )
@@ -180,8 +230,11 @@ def lstm_forward(
     training: bool = False,
     w_hr: Tensor | None = None,
     batch_sizes: Tensor | None = None,
+    peephole: Tensor | None = None,
+    coupled_gates: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`lstm_ext.ops.lstm_forward` as torch.onnx.export traces it.
+    """:func:`lstm_ext.ops.lstm_forward` as torch.onnx.export traces it, or with ``peephole``
+    (``[3, H]``) or ``coupled_gates`` :func:`lstm_ext.ops.lstm_variant_forward`.
 
     Same arguments and results (input ``[T, N, C]``, h0/c0 ``[N, H]`` -> output ``[T, N, H]``,
     h_n, c_n ``[N, H]``, and three saved tensors, here always empty: an export computes no
@@ -193,9 +246,14 @@ def lstm_forward(
             ``LSTM`` cannot express.
     """
     _check_exportable(w_hr, batch_sizes)
+    variant = peephole is not None or coupled_gates
     if not _traced_by_dynamo_exporter():
+        if variant:
+            return ops.lstm_variant_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
+                                            coupled_gates, reverse, training)
         return ops.lstm_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training)
-    y, y_h, y_c = _symbolic_lstm(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    y, y_h, y_c = _symbolic_lstm(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, peephole,
+                                 coupled_gates)
     empty = input.new_empty(0)
     return y.squeeze(1), y_h.squeeze(0), y_c.squeeze(0), empty, empty, empty
 
@@ -209,15 +267,23 @@ def lstm_cell_forward(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     training: bool = False,
+    peephole: Tensor | None = None,
+    coupled_gates: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`lstm_ext.ops.lstm_cell_forward` as torch.onnx.export traces it.
+    """:func:`lstm_ext.ops.lstm_cell_forward` as torch.onnx.export traces it (with ``peephole``
+    or ``coupled_gates``, a one-step :func:`lstm_ext.ops.lstm_variant_forward`).
 
     input ``[N, C]``, hx/cx ``[N, H]`` -> (h ``[N, H]``, c ``[N, H]``, an empty saved tensor).
     Under the dynamo exporter the step is an ONNX ``LSTM`` node over a sequence of length 1.
     """
     if not _traced_by_dynamo_exporter():
+        if peephole is not None or coupled_gates:
+            _, h, c, *_ = ops.lstm_variant_forward(input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih,
+                                                   b_hh, peephole, coupled_gates)
+            return h, c, input.new_empty(0)
         return ops.lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, training)
-    _, y_h, y_c = _symbolic_lstm(input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh, False)
+    _, y_h, y_c = _symbolic_lstm(input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh, False,
+                                 peephole, coupled_gates)
     return y_h.squeeze(0), y_c.squeeze(0), input.new_empty(0)
 
 
@@ -295,6 +361,11 @@ def gru_cell_forward(
 # Dynamo exporter: translations of the torch.ops.lstm_ext operators, for programs that hold them.
 
 
+# With coupled gates: ONNX's (i, o, f, c) from our (i, g, o), None a block of zeros (the forget
+# rows that ONNX's shapes require and input_forget=1 ignores).
+_ONNX_COUPLED_GATE_BLOCKS = (0, 2, None, 1)
+
+
 def _translated_weights(
     op: Any, w_ih: _Value, w_hh: _Value, b_ih: _Value, b_hh: _Value, gate_blocks: tuple
 ) -> tuple[list[_Value], _Value]:
@@ -310,7 +381,11 @@ def _translated_weights(
                 op.Constant(value_ints=[(k + 1) * hidden]),
                 axis0,
             )
-            for k in gate_blocks
+            for k in (0 if k is None else k for k in gate_blocks)
+        ]
+        blocks = [
+            op.CastLike(op.ConstantOfShape(op.Shape(block)), block) if k is None else block
+            for k, block in zip(gate_blocks, blocks)
         ]
         return op.Concat(*blocks, axis=0)
 
@@ -331,10 +406,21 @@ def _translated_lstm(
     b_ih: _Value,
     b_hh: _Value,
     reverse: bool,
+    peephole: _Value = None,
+    coupled_gates: bool = False,
 ) -> tuple[_Value, _Value, _Value]:
     """The ONNX ``LSTM`` node of :func:`_symbolic_lstm`, written with onnxscript's ``op``."""
     axis0 = op.Constant(value_ints=[0])
-    weights, bias = _translated_weights(op, w_ih, w_hh, b_ih, b_hh, _ONNX_GATE_BLOCKS)
+    blocks = _ONNX_COUPLED_GATE_BLOCKS if coupled_gates else _ONNX_GATE_BLOCKS
+    weights, bias = _translated_weights(op, w_ih, w_hh, b_ih, b_hh, blocks)
+    extra_inputs, attributes = [], {}
+    if peephole is not None:
+        # Our rows (i, f, o) as ONNX's P [1, 3H] (i, o, f).
+        order = op.Constant(value_ints=[0, 2, 1])
+        extra_inputs.append(op.Reshape(op.Gather(peephole, order, axis=0),
+                                       op.Constant(value_ints=[1, -1])))
+    if coupled_gates:
+        attributes["input_forget"] = 1
     return op.LSTM(
         input,
         *weights,
@@ -342,8 +428,10 @@ def _translated_lstm(
         None,
         op.Unsqueeze(h0, axis0),
         op.Unsqueeze(c0, axis0),
+        *extra_inputs,
         hidden_size=int(w_hh.shape[1]),
         direction="reverse" if reverse else "forward",
+        **attributes,
     )
 
 
@@ -383,6 +471,41 @@ def _translate_lstm_forward(
 
     _check_exportable(w_hr, batch_sizes)
     y, y_h, y_c = _translated_lstm(op, input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    axis0, axis1 = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
+    empty = _empty_like(op, input)
+    return op.Squeeze(y, axis1), op.Squeeze(y_h, axis0), op.Squeeze(y_c, axis0), empty, empty, empty
+
+
+def _translate_lstm_variant_forward(
+    input: _Value,
+    h0: _Value,
+    c0: _Value,
+    w_ih: _Value,
+    w_hh: _Value,
+    b_ih: _Value = None,
+    b_hh: _Value = None,
+    peephole: _Value = None,
+    coupled_gates: bool = False,
+    reverse: bool = False,
+    training: bool = False,
+    w_hr: _Value = None,
+    batch_sizes: _Value = None,
+    zoneout_h: _Value = None,
+    zoneout_c: _Value = None,
+    zoneout: float = 0.0,
+) -> tuple[_Value, ...]:
+    """ONNX for ``lstm_ext::lstm_variant_forward``: peepholes and coupled gates; zoneout (masks
+    or an eval probability) has no ONNX form."""
+    from onnxscript import opset18 as op
+
+    _check_exportable(w_hr, batch_sizes)
+    if zoneout_h is not None or zoneout_c is not None or zoneout != 0:
+        raise RuntimeError(
+            "lstm_ext ONNX export: zoneout has no ONNX LSTM equivalent (ONNX's LSTM has no "
+            "zoneout); of the variants, peepholes and coupled gates export."
+        )
+    y, y_h, y_c = _translated_lstm(op, input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, peephole,
+                                   coupled_gates)
     axis0, axis1 = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
     empty = _empty_like(op, input)
     return op.Squeeze(y, axis1), op.Squeeze(y_h, axis0), op.Squeeze(y_c, axis0), empty, empty, empty
@@ -459,12 +582,14 @@ def custom_translation_table() -> dict[Callable, Callable]:
 
     Returns:
         ``{torch.ops.lstm_ext.lstm_forward.default: ..., ...lstm_cell_forward.default: ...,
-        ...gru_forward.default: ..., ...gru_cell_forward.default: ...}``, the values
+        ...lstm_variant_forward.default: ..., ...gru_forward.default: ...,
+        ...gru_cell_forward.default: ...}``, the values
         onnxscript-traced functions (onnxscript must be installed when the export runs).
     """
     return {
         torch.ops.lstm_ext.lstm_forward.default: _translate_lstm_forward,
         torch.ops.lstm_ext.lstm_cell_forward.default: _translate_lstm_cell_forward,
+        torch.ops.lstm_ext.lstm_variant_forward.default: _translate_lstm_variant_forward,
         torch.ops.lstm_ext.gru_forward.default: _translate_gru_forward,
         torch.ops.lstm_ext.gru_cell_forward.default: _translate_gru_cell_forward,
     }
@@ -490,7 +615,10 @@ def _ts_constant(value: _Value) -> bool:
     # A traced bool argument arrives as a prim::Constant, or as the onnx::Constant (a one-element
     # tensor) the exporter has already turned it into.
     if node.kind() not in ("prim::Constant", "onnx::Constant"):
-        raise RuntimeError("lstm_ext ONNX export: lstm_forward's reverse must be a constant")
+        raise RuntimeError(
+            "lstm_ext ONNX export: the operators' bool arguments (reverse, coupled_gates) must be "
+            "constants"
+        )
     # node.i("value") for a prim::Constant, node.t("value") for an onnx::Constant.
     return bool(getattr(node, node.kindOf("value"))("value"))
 
@@ -512,9 +640,12 @@ def _ts_rnn(
     b_hh: _Value,
     reverse: bool,
     gru: bool = False,
+    peephole: _Value = None,
+    coupled_gates: bool = False,
 ) -> tuple[_Value, ...]:
-    """The ONNX ``LSTM`` node of :func:`_symbolic_lstm` (states [h0, c0]), or with `gru` the
-    ``GRU`` node of :func:`_symbolic_gru` (states [h0]), in a TorchScript graph."""
+    """The ONNX ``LSTM`` node of :func:`_symbolic_lstm` (states [h0, c0]; peephole and
+    coupled_gates as there), or with `gru` the ``GRU`` node of :func:`_symbolic_gru` (states
+    [h0]), in a TorchScript graph."""
     sizes = w_hh.type().sizes() if w_hh.type().isSubtypeOf(torch._C.TensorType.get()) else None
     name = "GRU" if gru else "LSTM"
     if not sizes:
@@ -523,12 +654,25 @@ def _ts_rnn(
             f"to export the {name}"
         )
     hidden = sizes[1]
-    gate_blocks = _ONNX_GRU_GATE_BLOCKS if gru else _ONNX_GATE_BLOCKS
-    blocks = [torch.arange(k * hidden, (k + 1) * hidden) for k in gate_blocks]
+    gate_blocks = (_ONNX_GRU_GATE_BLOCKS if gru
+                   else _ONNX_COUPLED_GATE_BLOCKS if coupled_gates else _ONNX_GATE_BLOCKS)
+    # With coupled gates the forget slot gathers the i rows, then a 0/1 row mask zeroes it.
+    blocks = [torch.arange(k * hidden, (k + 1) * hidden) for k in (k or 0 for k in gate_blocks)]
     order = g.op("Constant", value_t=torch.cat(blocks))
+    keep = None
+    if None in gate_blocks:
+        dtype = w_hh.type().dtype()
+        mask = torch.cat([torch.full((hidden,), float(k is not None), dtype=dtype)
+                          for k in gate_blocks])
+        keep = g.op("Constant", value_t=mask)
 
     def gate_order(value: _Value) -> _Value:
-        return g.op("Gather", value, order, axis_i=0)
+        rows = g.op("Gather", value, order, axis_i=0)
+        if keep is None:
+            return rows
+        rank = value.type().dim()
+        mask = keep if rank == 1 else _ts_axes(g, "Unsqueeze", keep, 1)
+        return g.op("Mul", rows, mask)
 
     weights = [_ts_axes(g, "Unsqueeze", gate_order(w), 0) for w in (w_ih, w_hh)]
     bias = _ts_absent(g)
@@ -537,6 +681,15 @@ def _ts_rnn(
             g, "Unsqueeze", g.op("Concat", gate_order(b_ih), gate_order(b_hh), axis_i=0), 0
         )
     attributes = {"linear_before_reset_i": 1} if gru else {}
+    extra_inputs = []
+    if not _ts_is_none(peephole):
+        # Our rows (i, f, o) as ONNX's P [1, 3H] (i, o, f).
+        rows = g.op("Gather", peephole, g.op("Constant", value_t=torch.tensor([0, 2, 1])),
+                    axis_i=0)
+        extra_inputs.append(
+            g.op("Reshape", rows, g.op("Constant", value_t=torch.tensor([1, 3 * hidden]))))
+    if coupled_gates:
+        attributes["input_forget_i"] = 1
     return g.op(
         name,
         input,
@@ -544,6 +697,7 @@ def _ts_rnn(
         bias,
         _ts_absent(g),
         *[_ts_axes(g, "Unsqueeze", state, 0) for state in states],
+        *extra_inputs,
         hidden_size_i=hidden,
         direction_s="reverse" if reverse else "forward",
         outputs=2 if gru else 3,
@@ -573,6 +727,44 @@ def _symbolic_lstm_forward(
         None if _ts_is_none(w_hr) else w_hr, None if _ts_is_none(batch_sizes) else batch_sizes
     )
     y, y_h, y_c = _ts_rnn(g, input, [h0, c0], w_ih, w_hh, b_ih, b_hh, _ts_constant(reverse))
+    return (
+        _ts_axes(g, "Squeeze", y, 1),
+        _ts_axes(g, "Squeeze", y_h, 0),
+        _ts_axes(g, "Squeeze", y_c, 0),
+        _ts_empty(g),
+        _ts_empty(g),
+        _ts_empty(g),
+    )
+
+
+def _symbolic_lstm_variant_forward(
+    g: Any,
+    input: _Value,
+    h0: _Value,
+    c0: _Value,
+    w_ih: _Value,
+    w_hh: _Value,
+    b_ih: _Value,
+    b_hh: _Value,
+    peephole: _Value,
+    coupled_gates: _Value,
+    reverse: _Value,
+    training: _Value,
+    w_hr: _Value = None,
+    batch_sizes: _Value = None,
+    zoneout_h: _Value = None,
+    zoneout_c: _Value = None,
+    zoneout: _Value = None,
+) -> tuple[_Value, ...]:
+    _check_exportable(
+        None if _ts_is_none(w_hr) else w_hr, None if _ts_is_none(batch_sizes) else batch_sizes
+    )
+    # functional.py refuses zoneout before the op is traced; an op called directly with masks
+    # still gets the error.
+    if not (_ts_is_none(zoneout_h) and _ts_is_none(zoneout_c)):
+        raise RuntimeError("lstm_ext ONNX export: zoneout has no ONNX LSTM equivalent")
+    y, y_h, y_c = _ts_rnn(g, input, [h0, c0], w_ih, w_hh, b_ih, b_hh, _ts_constant(reverse),
+                          peephole=peephole, coupled_gates=_ts_constant(coupled_gates))
     return (
         _ts_axes(g, "Squeeze", y, 1),
         _ts_axes(g, "Squeeze", y_h, 0),
@@ -639,6 +831,9 @@ def _register_torchscript_symbolics() -> None:
 
     register_custom_op_symbolic("lstm_ext::lstm_forward", _symbolic_lstm_forward, 9)
     register_custom_op_symbolic("lstm_ext::lstm_cell_forward", _symbolic_lstm_cell_forward, 9)
+    # ONNX's LSTM has had P and input_forget since opset 1.
+    register_custom_op_symbolic("lstm_ext::lstm_variant_forward", _symbolic_lstm_variant_forward,
+                                9)
     # ONNX's GRU has linear_before_reset (torch's form) from opset 3.
     register_custom_op_symbolic("lstm_ext::gru_forward", _symbolic_gru_forward, 9)
     register_custom_op_symbolic("lstm_ext::gru_cell_forward", _symbolic_gru_cell_forward, 9)

@@ -168,6 +168,7 @@ def test_translation_table_for_an_exported_program(grad):
     assert set(table) == {
         torch.ops.lstm_ext.lstm_forward.default,
         torch.ops.lstm_ext.lstm_cell_forward.default,
+        torch.ops.lstm_ext.lstm_variant_forward.default,
         torch.ops.lstm_ext.gru_forward.default,
         torch.ops.lstm_ext.gru_cell_forward.default,
     }
@@ -193,6 +194,86 @@ def test_translation_table_for_an_exported_program(grad):
         expected = _eager(module, module_args) if module is model else list(expected)
         for index, (a, e) in enumerate(zip(actual, expected)):
             assert_close(a, e.detach(), torch.float32, f"{type(module).__name__} output {index}")
+
+
+# --- LSTM variants: peepholes are ONNX LSTM's P input, coupled gates its input_forget=1 --------
+
+VARIANTS = [
+    pytest.param(dict(peephole=True), id="peephole"),
+    pytest.param(dict(coupled_gates=True), id="coupled"),
+    pytest.param(dict(peephole=True, coupled_gates=True), id="peephole+coupled"),
+]
+
+
+def _assert_variant_nodes(model_bytes: bytes, lstm_nodes: int, options: dict) -> None:
+    """The variant is the LSTM nodes' own: a P input with peepholes, input_forget=1 with coupled
+    gates (so ONNX Runtime's LSTM computes it, not a decomposition of ours)."""
+    _assert_standard_lstm_graph(model_bytes, lstm_nodes)
+    nodes = [n for n in onnx.load_from_string(model_bytes).graph.node if n.op_type == "LSTM"]
+    for node in nodes:
+        has_p = len(node.input) > 7 and node.input[7] != ""
+        assert has_p == bool(options.get("peephole")), node
+        input_forget = {a.name: a.i for a in node.attribute}.get("input_forget", 0)
+        assert input_forget == int(bool(options.get("coupled_gates"))), node
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("options", VARIANTS)
+def test_variant_export_matches_eager(dynamo, options):
+    # ONNX Runtime's LSTM computes the variant from the exported weights: an independent check of
+    # the P order, the coupled forget rows and of our kernels.
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, num_layers=2, bidirectional=True, **options).eval()
+    args = _lstm_inputs(2, True, False, True)
+    model_bytes = _export(model, args, dynamo)
+    _assert_variant_nodes(model_bytes, 4, options)
+    _assert_outputs(_run_onnx(model_bytes, _flat(args)), _eager(model, args), f"{options}")
+    cell = lstm_ext.LSTMCell(FEATURES, HIDDEN, bias=False, **options).eval()
+    x = torch.randn(BATCH, FEATURES)
+    model_bytes = _export(cell, (x,), dynamo)
+    _assert_variant_nodes(model_bytes, 1, options)
+    for name, a, e in zip(("h", "c"), _run_onnx(model_bytes, [x]), cell(x)):
+        assert_close(a, e.detach(), torch.float32, f"LSTMCell({options}) {name}")
+
+
+def test_forget_bias_exports_as_the_plain_lstm():
+    # forget_bias only initializes: the module is the plain LSTM.
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, forget_bias=1.0).eval()
+    args = _lstm_inputs(1, False, False, False)
+    model_bytes = _export(model, args, False)
+    _assert_variant_nodes(model_bytes, 1, {})
+    _assert_outputs(_run_onnx(model_bytes, _flat(args)), _eager(model, args), "forget_bias")
+
+
+@pytest.mark.parametrize("options", VARIANTS)
+def test_translation_table_for_an_exported_variant(options):
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, bidirectional=True, batch_first=True,
+                          **options).eval()
+    args = _lstm_inputs(1, True, True, True)
+    program = torch.export.export(model, args)
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    assert torch.ops.lstm_ext.lstm_variant_forward.default in targets
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(
+            program, custom_translation_table=lstm_ext.onnx.custom_translation_table(),
+            verbose=False,
+        )
+    model_bytes = onnx_program.model_proto.SerializeToString()
+    _assert_variant_nodes(model_bytes, 2, options)
+    _assert_outputs(_run_onnx(model_bytes, _flat(args)), _eager(model, args), f"{options}")
+
+
+def test_translation_table_refuses_zoneout():
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, zoneout=0.3).eval()
+    program = torch.export.export(model, (torch.randn(STEPS, BATCH, FEATURES),))
+    with pytest.raises(Exception, match="zoneout has no ONNX LSTM equivalent"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                program,
+                custom_translation_table=lstm_ext.onnx.custom_translation_table(),
+                verbose=False,
+            )
 
 
 class _Packed(torch.nn.Module):

@@ -1051,15 +1051,17 @@ def test_torch_func_grad_of_grad_matches_oracle():
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-def test_onnx_export_is_refused(dynamo):
+def test_onnx_export_refuses_layer_norm_and_zoneout(dynamo):
+    # Peepholes and coupled gates export (test_onnx.py); ONNX's LSTM has no layer norm or
+    # zoneout, and the error names the option even beside an exportable one.
     lstm = lstm_ext.LSTM(4, 6, peephole=True, zoneout=0.2).eval()
-    cell = lstm_ext.LSTMCell(4, 6, coupled_gates=True).eval()
+    cell = lstm_ext.LSTMCell(4, 6, layer_norm=True).eval()
     x = torch.randn(3, 2, 4)
-    cases = [(lstm, x, "LSTM(peephole=True, zoneout=0.2)")]
+    cases = [(lstm, x, "LSTM(peephole=True, zoneout=0.2): zoneout=0.2")]
     if not dynamo:  # each dynamo export takes seconds
-        cases.append((cell, x[0], "LSTMCell(coupled_gates=True)"))
+        cases.append((cell, x[0], "LSTMCell(layer_norm=True): layer_norm=True"))
     for module, sample, name in cases:
-        message = f"lstm_ext.{name}: the LSTM variants have no ONNX export yet"
+        message = f"lstm_ext ONNX export: lstm_ext.{name} has no ONNX LSTM equivalent"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with pytest.raises(RuntimeError, match=re.escape(message)):

@@ -174,7 +174,7 @@ def lstm(
         variant = None
     extra_tensors = [t for extras in variant_weights or () for t in extras.values()]
     if variant is not None and lstm_onnx.in_onnx_export():
-        lstm_onnx.check_variant_exportable(variant, "LSTM")  # peepholes, coupled gates
+        lstm_onnx.check_variant_exportable(variant, "LSTM", train)
     if len(hx) != 2:
         raise RuntimeError("lstm expects two hidden states")
     h0, c0 = hx
@@ -227,7 +227,14 @@ def lstm(
             w = weights[index * per_cell : (index + 1) * per_cell]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if projected else None
-            if exporting:
+            if exporting and lstm_onnx.unrolls_variant(variant):
+                # Layer norm, zoneout: the reference's plain ops, unrolled over T.
+                out, h, c = lstm_onnx.unrolled_variant_layer(
+                    variant, variant_weights[index], layer_input, h0[index], c0[index], w[0],
+                    w[1], b_ih, b_hh, w_hr, batch_sizes, reverse=direction == 1,
+                )
+            elif exporting:
+                # Peepholes, coupled gates: the ONNX LSTM node's own P input and input_forget.
                 variant_options = {}
                 if variant is not None:
                     variant_options = dict(peephole=variant_weights[index].get("peephole"),
@@ -335,8 +342,14 @@ def lstm_cell(
             )
     exporting = lstm_onnx.in_onnx_export()
     if variant is not None and variant.changes_forward and exporting:
-        # torch.onnx.export: peepholes and coupled gates are the ONNX LSTM node's own.
-        lstm_onnx.check_variant_exportable(variant, "LSTMCell")
+        lstm_onnx.check_variant_exportable(variant, "LSTMCell", train)
+        if lstm_onnx.unrolls_variant(variant):
+            # Layer norm, zoneout: the reference's plain ops for the one step.
+            _, h_new, c_new = lstm_onnx.unrolled_variant_layer(
+                variant, variant_weights or {}, input.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh,
+            )
+            return h_new, c_new
+        # Peepholes and coupled gates are the ONNX LSTM node's own.
         h_new, c_new, _ = lstm_onnx.lstm_cell_forward(
             input, h, c, w_ih, w_hh, b_ih, b_hh, False,
             peephole=(variant_weights or {}).get("peephole"),

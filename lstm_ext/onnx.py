@@ -28,7 +28,10 @@ node's ``P`` input (ONNX's rows i, o, f from ours i, f, o) and ``coupled_gates=T
 shapes require and ``input_forget`` ignores. ``forget_bias`` only initializes, so it exports as
 the plain LSTM. ONNX Runtime computes these nodes as lstm_ext does; OpenVINO's ONNX frontend
 (2026.4.1, measured) ignores P and ``input_forget`` and runs the plain LSTM. ONNX's ``LSTM`` has
-no layer normalization and no zoneout: those raise a ``RuntimeError`` naming the option.
+no layer normalization and no zoneout: a layer with either exports as the plain ops of
+:func:`lstm_ext.reference.lstm_variant_layer` (MatMul, LayerNormalization, Sigmoid, ...), its time
+loop unrolled over the exported sequence length, which must then be static; zoneout exports its
+eval form (the expectation), so a module in training mode with zoneout raises.
 
 onnx, onnxscript and onnxruntime are optional: nothing here imports them until an export runs.
 
@@ -65,6 +68,8 @@ __all__ = [
     "in_onnx_export",
     "lstm_cell_forward",
     "lstm_forward",
+    "unrolled_variant_layer",
+    "unrolls_variant",
 ]
 
 # An onnx_ir.Value while the dynamo exporter traces a translation, a torch._C.Value in the
@@ -93,20 +98,51 @@ def check_packed_input() -> None:
         raise RuntimeError(_PACKED_ERROR)
 
 
-def check_variant_exportable(variant: Any, module: str) -> None:
-    """Raises, for ``lstm_ext.<module>`` with an LSTM variant ONNX's ``LSTM`` cannot express
-    (layer norm, zoneout), the RuntimeError that names it; peepholes and coupled gates pass."""
-    unsupported = [
-        name for name, on in (("layer_norm=True", variant.layer_norm),
-                              (f"zoneout={variant.zoneout}", variant.zoneout > 0)) if on
-    ]
-    if unsupported:
+def check_variant_exportable(variant: Any, module: str, train: bool) -> None:
+    """Raises, for ``lstm_ext.<module>`` with zoneout in training mode, the RuntimeError that
+    says so: its random masks have no place in an exported graph (export the eval module)."""
+    if train and variant.zoneout > 0:
         raise RuntimeError(
-            f"lstm_ext ONNX export: lstm_ext.{module}({variant.extra_repr()}): "
-            f"{' and '.join(unsupported)} has no ONNX LSTM equivalent (ONNX's LSTM has no layer "
-            "normalization and no zoneout); of the variants, peephole=True (the P input) and "
-            "coupled_gates=True (input_forget=1) export."
+            f"lstm_ext ONNX export: lstm_ext.{module}({variant.extra_repr()}) is in training "
+            "mode, where zoneout draws random masks; call .eval() before exporting (the export "
+            "then computes zoneout's expectation)."
         )
+
+
+def unrolls_variant(variant: Any) -> bool:
+    """Whether a variant exports as plain ops, unrolled (layer norm, zoneout: ONNX's ``LSTM``
+    has neither) rather than as an ONNX ``LSTM`` node."""
+    return variant is not None and (variant.layer_norm or variant.zoneout > 0)
+
+
+def unrolled_variant_layer(
+    variant: Any, extras: dict[str, Tensor], input: Tensor, h0: Tensor, c0: Tensor,
+    w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+    w_hr: Tensor | None = None, batch_sizes: Tensor | None = None, reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer of a layer-norm or zoneout variant as torch.onnx.export traces it: the
+    reference's plain ops in eval form, the time loop unrolled (input ``[T, N, C]``, T static).
+
+    The exported graph's sequence length is the traced one: asked for a dynamic T, the dynamo
+    exporter specializes it (the graph's input then declares it, and ONNX Runtime rejects another
+    length); the TorchScript exporter fails on ``dynamic_axes`` that name T.
+
+    Raises:
+        RuntimeError: for projections or packed input, as for the plain LSTM.
+    """
+    _check_exportable(w_hr, batch_sizes)
+    from lstm_ext import reference
+
+    layer_norm = None
+    if variant.layer_norm:
+        prefix = "layer_norm_"
+        layer_norm = {name[len(prefix):]: t for name, t in extras.items()
+                      if name.startswith(prefix)}
+    return reference.lstm_variant_layer(
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse=reverse, peephole=extras.get("peephole"),
+        coupled_gates=variant.coupled_gates, layer_norm=layer_norm, zoneout=variant.zoneout,
+        training=False,
+    )
 
 
 def _check_exportable(w_hr: Any, batch_sizes: Any) -> None:

@@ -235,6 +235,56 @@ def test_variant_export_matches_eager(dynamo, options):
         assert_close(a, e.detach(), torch.float32, f"LSTMCell({options}) {name}")
 
 
+UNROLLED_VARIANTS = [
+    pytest.param(dict(layer_norm=True), id="layer_norm"),
+    pytest.param(dict(zoneout=0.3), id="zoneout"),
+    pytest.param(dict(layer_norm=True, zoneout=0.2, peephole=True), id="layer_norm+zoneout+peephole"),
+    pytest.param(dict(layer_norm=True, coupled_gates=True), id="layer_norm+coupled"),
+]
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("options", UNROLLED_VARIANTS)
+def test_unrolled_variant_export_matches_eager(dynamo, options):
+    # ONNX's LSTM has no layer norm or zoneout: the layer exports as the reference's plain ops,
+    # unrolled over T, zoneout in its eval form. Trained-looking parameters (gains and biases off
+    # their init) so that each one's place in the graph shows.
+    torch.manual_seed(0)
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, num_layers=2, bidirectional=True, **options).eval()
+    cell = lstm_ext.LSTMCell(FEATURES, HIDDEN, **options).eval()
+    with torch.no_grad():
+        for p in [*model.parameters(), *cell.parameters()]:
+            p.add_(0.3 * torch.randn_like(p))
+    args = _lstm_inputs(2, True, False, True)
+    model_bytes = _export(model, args, dynamo)
+    _assert_standard_lstm_graph(model_bytes, 0)
+    ops_in_graph = {n.op_type for n in onnx.load_from_string(model_bytes).graph.node}
+    if dynamo and options.get("layer_norm"):
+        assert "LayerNormalization" in ops_in_graph, ops_in_graph
+    _assert_outputs(_run_onnx(model_bytes, _flat(args)), _eager(model, args), f"{options}")
+    x = torch.randn(BATCH, FEATURES)
+    model_bytes = _export(cell, (x,), dynamo)
+    _assert_standard_lstm_graph(model_bytes, 0)
+    for name, a, e in zip(("h", "c"), _run_onnx(model_bytes, [x]), cell(x)):
+        assert_close(a, e.detach(), torch.float32, f"LSTMCell({options}) {name}")
+
+
+def test_unrolled_variant_export_has_a_static_sequence_length():
+    # Asked for a dynamic T, the dynamo exporter specializes the unrolled loop's T: the graph
+    # declares it, so a runtime refuses another length instead of computing a wrong one. N stays
+    # dynamic.
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, layer_norm=True).eval()
+    args = _lstm_inputs(1, False, False, False)
+    model_bytes = _export(model, args, True,
+                          dynamic_shapes=({0: Dim("T"), 1: Dim("N")},))
+    dims = onnx.load_from_string(model_bytes).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == STEPS and dims[1].dim_param
+    other = (torch.randn(STEPS, BATCH + 2, FEATURES),)
+    _assert_outputs(_run_onnx(model_bytes, _flat(other)), _eager(model, other), "dynamic N")
+    with pytest.raises(Exception, match="dimensions"):
+        _run_onnx(model_bytes, [torch.randn(STEPS + 2, BATCH, FEATURES)])
+
+
 def test_forget_bias_exports_as_the_plain_lstm():
     # forget_bias only initializes: the module is the plain LSTM.
     model = lstm_ext.LSTM(FEATURES, HIDDEN, forget_bias=1.0).eval()

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lstm_ext import ops
+from lstm_ext import ops, reference
 
 try:
     # Part of torch (no onnx/onnxscript import): the dynamo exporter's "exporting" flag.
@@ -131,8 +131,6 @@ def unrolled_variant_layer(
         RuntimeError: for projections or packed input, as for the plain LSTM.
     """
     _check_exportable(w_hr, batch_sizes)
-    from lstm_ext import reference
-
     layer_norm = None
     if variant.layer_norm:
         prefix = "layer_norm_"

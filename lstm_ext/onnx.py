@@ -31,7 +31,9 @@ the plain LSTM. ONNX Runtime computes these nodes as lstm_ext does; OpenVINO's O
 no layer normalization and no zoneout: a layer with either exports as the plain ops of
 :func:`lstm_ext.reference.lstm_variant_layer` (MatMul, LayerNormalization, Sigmoid, ...), its time
 loop unrolled over the exported sequence length, which must then be static; zoneout exports its
-eval form (the expectation), so a module in training mode with zoneout raises.
+eval form (the expectation), so a module in training mode with zoneout raises. For a program that
+holds the operators, :func:`custom_translation_table` writes the same recurrence out step by step
+(``lstm_layernorm_forward``, and ``lstm_variant_forward`` with zoneout).
 
 onnx, onnxscript and onnxruntime are optional: nothing here imports them until an export runs.
 
@@ -81,6 +83,10 @@ _Value = Any
 _PROJECTIONS_ERROR = (
     "lstm_ext ONNX export: proj_size > 0 (LSTM with projections) has no ONNX LSTM equivalent "
     "(ONNX's LSTM has no projection weights); export an LSTM with proj_size=0."
+)
+_ZONEOUT_MASKS_ERROR = (
+    "lstm_ext ONNX export: zoneout's training masks (random draws) cannot be exported; export "
+    "the module in eval mode, where zoneout is its expectation."
 )
 _PACKED_ERROR = (
     "lstm_ext ONNX export: PackedSequence input cannot be exported (the packing does not "
@@ -528,21 +534,136 @@ def _translate_lstm_variant_forward(
     zoneout_c: _Value = None,
     zoneout: float = 0.0,
 ) -> tuple[_Value, ...]:
-    """ONNX for ``lstm_ext::lstm_variant_forward``: peepholes and coupled gates; zoneout (masks
-    or an eval probability) has no ONNX form."""
+    """ONNX for ``lstm_ext::lstm_variant_forward``: peepholes and coupled gates as an ONNX
+    ``LSTM`` node; with zoneout (eval form) the recurrence written out step by step."""
     from onnxscript import opset18 as op
 
     _check_exportable(w_hr, batch_sizes)
-    if zoneout_h is not None or zoneout_c is not None or zoneout != 0:
-        raise RuntimeError(
-            "lstm_ext ONNX export: zoneout has no ONNX LSTM equivalent (ONNX's LSTM has no "
-            "zoneout); of the variants, peepholes and coupled gates export."
+    if zoneout_h is not None or zoneout_c is not None:
+        raise RuntimeError(_ZONEOUT_MASKS_ERROR)
+    if zoneout > 0:
+        # ONNX's LSTM has no zoneout: the input's share in one MatMul, then the steps.
+        input_part = op.MatMul(input, op.Transpose(w_ih, perm=[1, 0]))
+        if b_ih is not None and b_hh is not None:
+            input_part = op.Add(input_part, op.Add(b_ih, b_hh))
+        steps = _static_steps(input, "lstm_ext::lstm_variant_forward with zoneout")
+        y, h, c = _translated_unrolled_recurrence(
+            op, input_part, steps, h0, c0, w_hh, peephole, coupled_gates, None, zoneout, reverse,
         )
+        empty = _empty_like(op, input)
+        return y, h, c, empty, empty, empty
     y, y_h, y_c = _translated_lstm(op, input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, peephole,
                                    coupled_gates)
     axis0, axis1 = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
     empty = _empty_like(op, input)
     return op.Squeeze(y, axis1), op.Squeeze(y_h, axis0), op.Squeeze(y_c, axis0), empty, empty, empty
+
+
+def _static_steps(input: _Value, what: str) -> int:
+    """The sequence length of ``input [T, ...]`` as an int, for a time loop written out step by
+    step; a symbolic one raises."""
+    steps = input.shape[0] if input.shape is not None else None
+    if not isinstance(steps, int):
+        raise RuntimeError(
+            f"lstm_ext ONNX export: {what} exports its time loop unrolled (ONNX's LSTM has no "
+            "layer normalization or zoneout), so the sequence length must be static; export the "
+            "program without a dynamic T."
+        )
+    return steps
+
+
+def _normalized(outputs: Any) -> _Value:
+    """LayerNormalization's first output, Y (onnxscript returns all three: Y, mean, 1/std)."""
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
+def _translated_unrolled_recurrence(
+    op: Any, input_part: _Value, steps: int, h0: _Value, c0: _Value, w_hh: _Value,
+    peephole: _Value, coupled_gates: bool, layer_norm: tuple[_Value, _Value, _Value] | None,
+    zoneout: float, reverse: bool,
+) -> tuple[_Value, _Value, _Value]:
+    """The recurrence of :func:`lstm_ext.reference.lstm_variant_layer` (its ``_variant_step``,
+    eval form) from the input's share of the pre-activations ``[T, N, G*H]``, written out step by
+    step with onnxscript's ``op``: (Y ``[T, N, H]``, h_n, c_n ``[N, H]``). layer_norm: (the gain
+    of the normalization of h W_hh^T, the gain and bias of c's)."""
+    hidden = int(w_hh.shape[1])
+    gates = 3 if coupled_gates else 4
+    axis0, axis1 = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
+    w_hh_t = op.Transpose(w_hh, perm=[1, 0])
+
+    def block(value: _Value, k: int) -> _Value:
+        return op.Slice(value, op.Constant(value_ints=[k * hidden]),
+                        op.Constant(value_ints=[(k + 1) * hidden]), axis1)
+
+    def row(value: _Value, k: int) -> _Value:
+        return op.Gather(value, op.Constant(value_int=k), axis=0)
+
+    w_ci, w_cf, w_co = (row(peephole, k) for k in range(3)) if peephole is not None else (None,) * 3
+    one = op.CastLike(op.Constant(value_float=1.0), h0)
+    h, c, outputs = h0, c0, [None] * steps
+    for t in reversed(range(steps)) if reverse else range(steps):
+        hidden_part = op.MatMul(h, w_hh_t)
+        if layer_norm is not None:
+            hidden_part = _normalized(op.LayerNormalization(hidden_part, layer_norm[0], axis=-1,
+                                                            epsilon=reference.LAYER_NORM_EPS))
+        pre = op.Add(row(input_part, t), hidden_part)
+        i, g, o = block(pre, 0), block(pre, gates - 2), block(pre, gates - 1)
+        if w_ci is not None:
+            i = op.Add(i, op.Mul(w_ci, c))
+        i = op.Sigmoid(i)
+        if coupled_gates:
+            forget = op.Sub(one, i)
+        else:
+            f = block(pre, 1)
+            forget = op.Sigmoid(op.Add(f, op.Mul(w_cf, c)) if w_cf is not None else f)
+        c_new = op.Add(op.Mul(forget, c), op.Mul(i, op.Tanh(g)))
+        if w_co is not None:
+            o = op.Add(o, op.Mul(w_co, c_new))
+        c_out = c_new
+        if layer_norm is not None:
+            c_out = _normalized(op.LayerNormalization(c_new, layer_norm[1], layer_norm[2],
+                                                      axis=-1, epsilon=reference.LAYER_NORM_EPS))
+        h_new = op.Mul(op.Sigmoid(o), op.Tanh(c_out))
+        if zoneout > 0:
+            keep = op.CastLike(op.Constant(value_float=zoneout), h0)
+            h_new = op.Add(op.Mul(keep, h), op.Mul(op.Sub(one, keep), h_new))
+            c_new = op.Add(op.Mul(keep, c), op.Mul(op.Sub(one, keep), c_new))
+        h, c = h_new, c_new
+        outputs[t] = op.Unsqueeze(h, axis0)
+    return op.Concat(*outputs, axis=0), h, c
+
+
+def _translate_lstm_layernorm_forward(
+    input_part: _Value,
+    h0: _Value,
+    c0: _Value,
+    w_hh: _Value,
+    weight_hh: _Value,
+    weight_c: _Value,
+    bias_c: _Value,
+    peephole: _Value = None,
+    coupled_gates: bool = False,
+    reverse: bool = False,
+    training: bool = False,
+    batch_sizes: _Value = None,
+    zoneout_h: _Value = None,
+    zoneout_c: _Value = None,
+    zoneout: float = 0.0,
+) -> tuple[_Value, ...]:
+    """ONNX for ``lstm_ext::lstm_layernorm_forward``: its recurrence written out step by step
+    (ONNX's LSTM has no layer normalization), zoneout in eval form; the saved tensors empty."""
+    from onnxscript import opset18 as op
+
+    _check_exportable(None, batch_sizes)
+    if zoneout_h is not None or zoneout_c is not None:
+        raise RuntimeError(_ZONEOUT_MASKS_ERROR)
+    steps = _static_steps(input_part, "lstm_ext::lstm_layernorm_forward")
+    y, h, c = _translated_unrolled_recurrence(
+        op, input_part, steps, h0, c0, w_hh, peephole, coupled_gates,
+        (weight_hh, weight_c, bias_c), zoneout, reverse,
+    )
+    empty = _empty_like(op, input_part)
+    return y, h, c, empty, empty, empty, empty, empty, empty
 
 
 def _translate_lstm_cell_forward(
@@ -616,7 +737,8 @@ def custom_translation_table() -> dict[Callable, Callable]:
 
     Returns:
         ``{torch.ops.lstm_ext.lstm_forward.default: ..., ...lstm_cell_forward.default: ...,
-        ...lstm_variant_forward.default: ..., ...gru_forward.default: ...,
+        ...lstm_variant_forward.default: ..., ...lstm_layernorm_forward.default: ...,
+        ...gru_forward.default: ...,
         ...gru_cell_forward.default: ...}``, the values
         onnxscript-traced functions (onnxscript must be installed when the export runs).
     """
@@ -624,6 +746,7 @@ def custom_translation_table() -> dict[Callable, Callable]:
         torch.ops.lstm_ext.lstm_forward.default: _translate_lstm_forward,
         torch.ops.lstm_ext.lstm_cell_forward.default: _translate_lstm_cell_forward,
         torch.ops.lstm_ext.lstm_variant_forward.default: _translate_lstm_variant_forward,
+        torch.ops.lstm_ext.lstm_layernorm_forward.default: _translate_lstm_layernorm_forward,
         torch.ops.lstm_ext.gru_forward.default: _translate_gru_forward,
         torch.ops.lstm_ext.gru_cell_forward.default: _translate_gru_cell_forward,
     }

@@ -169,6 +169,7 @@ def test_translation_table_for_an_exported_program(grad):
         torch.ops.lstm_ext.lstm_forward.default,
         torch.ops.lstm_ext.lstm_cell_forward.default,
         torch.ops.lstm_ext.lstm_variant_forward.default,
+        torch.ops.lstm_ext.lstm_layernorm_forward.default,
         torch.ops.lstm_ext.gru_forward.default,
         torch.ops.lstm_ext.gru_cell_forward.default,
     }
@@ -294,14 +295,22 @@ def test_forget_bias_exports_as_the_plain_lstm():
     _assert_outputs(_run_onnx(model_bytes, _flat(args)), _eager(model, args), "forget_bias")
 
 
-@pytest.mark.parametrize("options", VARIANTS)
+@pytest.mark.parametrize("options", VARIANTS + UNROLLED_VARIANTS)
 def test_translation_table_for_an_exported_variant(options):
+    # Peepholes and coupled gates translate to ONNX LSTM nodes; layer norm
+    # (lstm_layernorm_forward) and zoneout (lstm_variant_forward with its eval probability) to
+    # their recurrence written out step by step.
+    torch.manual_seed(0)
     model = lstm_ext.LSTM(FEATURES, HIDDEN, bidirectional=True, batch_first=True,
                           **options).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
     args = _lstm_inputs(1, True, True, True)
     program = torch.export.export(model, args)
     targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
-    assert torch.ops.lstm_ext.lstm_variant_forward.default in targets
+    op = ("lstm_layernorm_forward" if options.get("layer_norm") else "lstm_variant_forward")
+    assert getattr(torch.ops.lstm_ext, op).default in targets
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
@@ -309,14 +318,33 @@ def test_translation_table_for_an_exported_variant(options):
             verbose=False,
         )
     model_bytes = onnx_program.model_proto.SerializeToString()
-    _assert_variant_nodes(model_bytes, 2, options)
+    unrolled = options.get("layer_norm") or options.get("zoneout")
+    if unrolled:
+        _assert_standard_lstm_graph(model_bytes, 0)
+    else:
+        _assert_variant_nodes(model_bytes, 2, options)
     _assert_outputs(_run_onnx(model_bytes, _flat(args)), _eager(model, args), f"{options}")
 
 
-def test_translation_table_refuses_zoneout():
-    model = lstm_ext.LSTM(FEATURES, HIDDEN, zoneout=0.3).eval()
+def test_translation_table_refuses_a_dynamic_sequence_length_to_unroll():
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, layer_norm=True).eval()
+    program = torch.export.export(model, (torch.randn(STEPS, BATCH, FEATURES),),
+                                  dynamic_shapes=({0: Dim("T")},))
+    with pytest.raises(Exception, match="the sequence length must be static"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                program,
+                custom_translation_table=lstm_ext.onnx.custom_translation_table(),
+                verbose=False,
+            )
+
+
+def test_translation_table_refuses_zoneout_masks():
+    # A program exported in training mode draws zoneout's masks and passes them to the op.
+    model = lstm_ext.LSTM(FEATURES, HIDDEN, zoneout=0.3).train()
     program = torch.export.export(model, (torch.randn(STEPS, BATCH, FEATURES),))
-    with pytest.raises(Exception, match="zoneout has no ONNX LSTM equivalent"):
+    with pytest.raises(Exception, match="zoneout's training masks .* cannot be exported"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
